@@ -1,0 +1,113 @@
+//! Wiring: opens the spool, recovers it, and runs the stages until shutdown.
+//!
+//! ```text
+//!   HTTP (serve) ──submit──▶ spool ◀──claim/run── dispatch ◀── watch (hints)
+//!        ▲                                          │
+//!        └────────────── hub (status changes) ◀─────┘
+//! ```
+//!
+//! Shutdown: when `shutdown` fires, the server stops accepting, SSE streams end,
+//! the dispatcher stops starting runs; runs still going get `shutdown_grace` to
+//! finish, then their process groups are stopped and the events requeued.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::dispatch::{self, DispatchHandle};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::spool::Spool;
+use crate::{serve, watch};
+
+/// What every stage shares.
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    pub spool: Arc<Spool>,
+    pub hub: Arc<Hub>,
+    pub metrics: Metrics,
+    pub dispatch: DispatchHandle,
+    /// True when other hosts may be writing to this spool.
+    pub shared_fs: bool,
+}
+
+impl Shared {
+    pub fn rescan_interval(&self) -> Duration {
+        if self.shared_fs {
+            self.settings.shared_rescan_interval
+        } else {
+            self.settings.rescan_interval
+        }
+    }
+}
+
+/// Runs spoold until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let spool = Spool::open(&settings.spool_dir, &settings.host_id, settings.fsync)
+        .with_context(|| format!("cannot open the spool at {}", settings.spool_dir.display()))?;
+    let shared_fs = settings.shared.unwrap_or_else(|| crate::spool::is_network_fs(spool.root()));
+    let recovered = spool.recover().context("recovery of the spool failed")?;
+    tracing::info!(spool = %spool.root().display(), host = %settings.host_id, shared = shared_fs, ?recovered, "spool ready");
+    if !settings.handlers_dir.is_dir() {
+        tracing::warn!(dir = %settings.handlers_dir.display(), "the handlers directory does not exist; every submit will get 404 until it does");
+    }
+
+    let (dispatch, rx) = DispatchHandle::channel();
+    let sh = Arc::new(Shared { settings: Arc::clone(&settings), spool: Arc::new(spool), hub: Arc::default(), metrics: Metrics::default(), dispatch, shared_fs });
+
+    let listener = TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let _watcher = match watch::start(&sh.spool.dir("queue"), sh.dispatch.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "no filesystem notifications; relying on the periodic rescan");
+            None
+        }
+    };
+
+    let runs = TaskTracker::new();
+    let abort = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(dispatch::run(Arc::clone(&sh), rx, shutdown.clone(), abort.clone(), runs.clone()));
+    tasks.spawn(gc_loop(Arc::clone(&sh), shutdown.clone()));
+    let server = tasks.spawn(serve::run(Arc::clone(&sh), listener, shutdown.clone()));
+    println!("spoold listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    runs.close();
+    if tokio::time::timeout(settings.shutdown_grace, runs.wait()).await.is_err() {
+        tracing::warn!("handlers still running after shutdown_grace; stopping them and requeueing their events");
+        abort.cancel();
+        runs.wait().await;
+    }
+    tasks.close();
+    let _ = server.await;
+    tasks.wait().await;
+    Ok(())
+}
+
+async fn gc_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
+    let every = sh.settings.gc_interval;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let spool = Arc::clone(&sh.spool);
+        let (retention, batch) = (sh.settings.retention, sh.settings.gc_batch);
+        match tokio::task::spawn_blocking(move || spool.sweep(retention, batch)).await {
+            Ok(Ok(swept)) if swept.events_deleted + swept.keys_deleted > 0 => tracing::info!(?swept, "retention sweep"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! In-memory fan-out of status changes to long-polls and SSE streams.
+//!
+//! One `watch` channel per event that someone is following, created on the
+//! first subscription and dropped with the last. Whoever writes a status
+//! (the dispatcher) publishes it here right after the write, so followers wake
+//! at once and never read the disk per change. A `watch` keeps only the newest
+//! value: a slow subscriber skips intermediate statuses and always gets the
+//! latest one; it never builds a backlog and never slows anyone else down.
+//!
+//! Known limit: changes made by another process or host are not published
+//! here; shared mode stat-polls followed events to pick those up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::spool::ids::EventId;
+use crate::spool::records::Status;
+
+#[derive(Default)]
+pub struct Hub {
+    channels: Mutex<HashMap<EventId, watch::Sender<Arc<Status>>>>,
+}
+
+/// A live view of one event's status. Dropping it unsubscribes.
+pub struct Subscription {
+    pub rx: watch::Receiver<Arc<Status>>,
+    hub: Arc<Hub>,
+    id: EventId,
+}
+
+impl Hub {
+    /// Hands a newly written status to everyone following its event.
+    pub fn publish(&self, status: &Status) {
+        let Ok(id) = EventId::parse(&status.id) else { return };
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = channels.get(&id) {
+            offer(tx, status);
+        }
+    }
+
+    /// Follows an event. `load` reads its status from disk; it is called twice
+    /// (before and after joining) so that a write landing in between is not missed.
+    pub fn subscribe<F>(self: &Arc<Hub>, id: &EventId, load: F) -> Option<Subscription>
+    where
+        F: Fn() -> Option<Status>,
+    {
+        let first = load()?;
+        let rx = {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            match channels.get(id) {
+                Some(tx) => {
+                    offer(tx, &first);
+                    tx.subscribe()
+                }
+                None => {
+                    let (tx, rx) = watch::channel(Arc::new(first));
+                    channels.insert(id.clone(), tx);
+                    rx
+                }
+            }
+        };
+        let sub = Subscription { rx, hub: Arc::clone(self), id: id.clone() };
+        if let Some(again) = load() {
+            self.publish(&again);
+        }
+        Some(sub)
+    }
+
+    /// Events someone is following right now.
+    pub fn followed(&self) -> Vec<(EventId, u64)> {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels.iter().map(|(id, tx)| (id.clone(), tx.borrow().seq)).collect()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels.values().map(|tx| tx.receiver_count()).sum()
+    }
+}
+
+/// Replaces the channel's value when `status` is newer.
+fn offer(tx: &watch::Sender<Arc<Status>>, status: &Status) {
+    tx.send_if_modified(|current| {
+        if status.seq > current.seq {
+            *current = Arc::new(status.clone());
+            true
+        } else {
+            false
+        }
+    });
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = self.hub.channels.lock().unwrap_or_else(|e| e.into_inner());
+        // Our own receiver is still alive here, hence "1".
+        if channels.get(&self.id).is_some_and(|tx| tx.receiver_count() <= 1) {
+            channels.remove(&self.id);
+        }
+    }
+}

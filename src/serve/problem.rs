@@ -1,0 +1,71 @@
+//! RFC 9457 problem details: every error the API returns says what went wrong
+//! and what to do about it.
+
+use bytes::Bytes;
+use hyper::{header, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::{full, Body};
+
+#[derive(Debug)]
+pub struct Problem {
+    pub status: StatusCode,
+    /// A short stable slug; the `type` is `/problems/<slug>`.
+    pub slug: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub extra: Vec<(&'static str, Value)>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, slug: &'static str, title: &'static str, detail: impl Into<String>) -> Problem {
+        Problem { status, slug, title, detail: detail.into(), extra: Vec::new() }
+    }
+
+    pub fn with(mut self, key: &'static str, value: Value) -> Problem {
+        self.extra.push((key, value));
+        self
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    pub fn bad_request(slug: &'static str, detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::BAD_REQUEST, slug, "Bad request", detail)
+    }
+
+    pub fn internal(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", detail)
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut body = json!({
+            "type": format!("/problems/{}", self.slug),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        for (k, v) in self.extra {
+            body[k] = v;
+        }
+        let mut resp = Response::new(full(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status;
+        resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/problem+json"));
+        resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+        resp
+    }
+}
+
+impl From<crate::spool::SpoolError> for Problem {
+    fn from(e: crate::spool::SpoolError) -> Problem {
+        if e.is_disk_full() {
+            Problem::new(StatusCode::INSUFFICIENT_STORAGE, "disk-full", "Spool disk full", format!("the spool's disk is full, nothing was written: {e}. Free space on it (or raise the quota), then retry"))
+        } else if e.is_read_only() {
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "spool-read-only", "Spool not writable", format!("the spool cannot be written, nothing was written: {e}. Make it writable for spoold, then retry"))
+        } else {
+            tracing::error!(error = %e, "spool error while serving a request");
+            Problem::internal(format!("the spool could not be read or written: {e}"))
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The spool: a directory that is the queue, the state store and the result
+//! store, shared by every process (and host) that works on it.
+//!
+//! ```text
+//! spool/
+//!   FORMAT                  "spoold-spool 1": refuses to open a spool of another format
+//!   tmp/                    staging, <host>.<pid>.<counter>[.suffix]
+//!   events/<id>/            event.json, status.json, progress.json, result, stderr
+//!   queue/<id>              pending work (JSON QueueEntry), published with link()
+//!   running/<host>/<id>     claimed by rename from queue/; mtime = lease heartbeat
+//!   dead/<id>               dead letters (JSON DeadLetter)
+//!   idem/<sha256(key)>      idempotency keys: first event for a key
+//! ```
+//!
+//! Invariants:
+//! - every file is written through [`atomic::AtomicWriter`]; nothing is ever
+//!   seen half-written under its final name;
+//! - `queue/<id>` is only created with link() (never overwritten); a claim is a
+//!   rename out of `queue/`, so exactly one claimer wins;
+//! - `status.json` has one writer: the holder of the claim (or the submitter,
+//!   before publication; see [`records`]);
+//! - nothing on a hot path lists `events/`.
+//!
+//! Submodules: [`ids`] (validated names), [`atomic`] (the write primitive),
+//! [`records`] (JSON types), [`submit`], [`claim`] (claims, leases, requeue,
+//! finish), [`recover`] (start-up repair), [`gc`] (retention).
+
+pub mod atomic;
+pub mod claim;
+pub mod gc;
+pub mod ids;
+pub mod recover;
+pub mod records;
+pub mod submit;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use atomic::{AtomicWriter, Durability};
+use ids::EventId;
+use records::{Envelope, Status};
+
+const FORMAT: &str = "spoold-spool 1";
+
+/// An error of the spool, with the path it happened on.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is damaged: {detail}", path.display())]
+    Damaged { path: PathBuf, detail: String },
+    #[error("{} holds a spool of another format ({found:?}, this spoold reads {FORMAT:?}); point --spool at a new directory or migrate it", path.display())]
+    Format { path: PathBuf, found: String },
+}
+
+impl SpoolError {
+    /// True when the disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+
+    /// True when the spool cannot be written at all (read-only filesystem or permissions).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)))
+    }
+}
+
+pub type Result<T, E = SpoolError> = std::result::Result<T, E>;
+
+/// Attaches the operation and path to an io::Error.
+pub trait IoContext<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| SpoolError::Io { op, path: path.to_owned(), source })
+    }
+}
+
+/// True for the errors that mean "someone else moved or removed it".
+pub fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESTALE)
+}
+
+/// One spool directory, seen from one host.
+#[derive(Debug)]
+pub struct Spool {
+    root: PathBuf,
+    host: String,
+    writer: AtomicWriter,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `root` for host `host`.
+    pub fn open(root: &Path, host: &str, fsync: bool) -> Result<Spool> {
+        fs::create_dir_all(root).at("create the spool directory", root)?;
+        let root = root.canonicalize().at("resolve", root)?;
+        check_format(&root)?;
+        for sub in ["tmp", "events", "queue", "running", "dead", "idem"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).at("create", &dir)?;
+        }
+        let own = root.join("running").join(host);
+        fs::create_dir_all(&own).at("create", &own)?;
+        let writer = AtomicWriter::new(root.join("tmp"), host, fsync);
+        Ok(Spool { root, host: host.to_owned(), writer })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn writer(&self) -> &AtomicWriter {
+        &self.writer
+    }
+
+    pub fn dir(&self, sub: &str) -> PathBuf {
+        self.root.join(sub)
+    }
+
+    pub fn event_dir(&self, id: &EventId) -> PathBuf {
+        self.root.join("events").join(id.as_str())
+    }
+
+    pub fn queue_path(&self, id: &EventId) -> PathBuf {
+        self.root.join("queue").join(id.as_str())
+    }
+
+    pub fn running_dir(&self) -> PathBuf {
+        self.root.join("running").join(&self.host)
+    }
+
+    pub fn running_path(&self, id: &EventId) -> PathBuf {
+        self.running_dir().join(id.as_str())
+    }
+
+    pub fn dead_path(&self, id: &EventId) -> PathBuf {
+        self.root.join("dead").join(id.as_str())
+    }
+
+    /// Reads `event.json`. `Ok(None)` when the event does not exist.
+    pub fn read_envelope(&self, id: &EventId) -> Result<Option<Envelope>> {
+        let path = self.event_dir(id).join("event.json");
+        let Some(bytes) = read_if_exists(&path)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SpoolError::Damaged { path, detail: e.to_string() })
+    }
+
+    /// The current status: `status.json`, or the initial one derived from
+    /// `event.json` when no status was written yet. `Ok(None)`: no such event.
+    pub fn read_status(&self, id: &EventId) -> Result<Option<Status>> {
+        let path = self.event_dir(id).join("status.json");
+        match read_if_exists(&path)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| SpoolError::Damaged { path, detail: e.to_string() }),
+            None => Ok(self.read_envelope(id)?.map(|env| Status::initial(&env))),
+        }
+    }
+
+    /// Replaces `status.json`. Only the event's owner may call this.
+    pub fn write_status(&self, status: &Status, durability: Durability) -> Result<()> {
+        let id = EventId::parse(&status.id).map_err(|e| SpoolError::Damaged {
+            path: self.root.join("events"),
+            detail: e.to_string(),
+        })?;
+        let path = self.event_dir(&id).join("status.json");
+        self.writer.replace(&path, &status.to_json(), durability).at("write", &path)
+    }
+
+    /// Writes a file into the event's directory, atomically.
+    pub fn write_event_file(&self, id: &EventId, name: &str, bytes: &[u8], durability: Durability) -> Result<()> {
+        let path = self.event_dir(id).join(name);
+        self.writer.replace(&path, bytes, durability).at("write", &path)
+    }
+}
+
+fn check_format(root: &Path) -> Result<()> {
+    let path = root.join("FORMAT");
+    match fs::read_to_string(&path) {
+        Ok(found) if found.trim() == FORMAT => Ok(()),
+        Ok(found) => Err(SpoolError::Format { path, found: found.trim().chars().take(60).collect() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let tmp = root.join(format!("FORMAT.{}.tmp", std::process::id()));
+            fs::write(&tmp, format!("{FORMAT}\n")).at("write", &tmp)?;
+            fs::rename(&tmp, &path).at("write", &path)
+        }
+        Err(e) => Err(SpoolError::Io { op: "read", path, source: e }),
+    }
+}
+
+/// Reads a whole file; `Ok(None)` when it is not there (or vanished under us).
+pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(SpoolError::Io { op: "read", path: path.to_owned(), source: e }),
+    }
+}
+
+/// True when `path` is on a network or FUSE filesystem, where other hosts'
+/// writes produce no notifications.
+pub fn is_network_fs(path: &Path) -> bool {
+    const NFS: i64 = 0x6969;
+    const FUSE: i64 = 0x6573_5546;
+    const SMB: i64 = 0x517b;
+    const CIFS: i64 = 0xff53_4d42;
+    const SMB2: i64 = 0xfe53_4d42;
+    const CEPH: i64 = 0x00c3_6400;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs writes into a zeroed struct we own; c is NUL-terminated.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = buf.f_type as i64;
+    matches!(kind, NFS | FUSE | SMB | CIFS | SMB2 | CEPH)
+}

@@ -1,0 +1,199 @@
+//! Start-up repair of what a crash of this host left behind.
+//!
+//! - `tmp/`: this host's staging files are removed; a staged queue entry whose
+//!   event directory made it into `events/` but was never published (crash
+//!   between steps 3 and 4 of a submit) is published now. Other hosts' staging
+//!   files are left alone unless they are older than a day.
+//! - `running/<host>/`: claims of this host from its previous life. A handler
+//!   process group it left running is killed first (its pid and start time are
+//!   kept in the claim), so an event never runs twice at once. Then a claim
+//!   whose status is already final is just dropped; any other is put back in
+//!   the queue, its status saying so.
+//!
+//! Queue entries whose event directory is missing or damaged are dealt with by
+//! the dispatcher when it claims them (dead-lettered with a log line), which
+//! covers damage that happens later too.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::atomic::Durability;
+use super::ids::EventId;
+use super::records::{DeadLetter, QueueEntry, State, Timestamp};
+use super::submit::JOURNAL_MARK;
+use super::{is_gone, IoContext, Result, Spool};
+
+const FOREIGN_TMP_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// What a claim file holds while its handler runs: enough to find the
+/// handler's process group again after a crash.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct ProcessMark {
+    pub pid: i32,
+    /// Start time of the process in clock ticks since boot (/proc/<pid>/stat field 22).
+    pub start: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ClaimRecord {
+    #[serde(flatten)]
+    pub entry: QueueEntry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessMark>,
+}
+
+/// What recovery did, for the log.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub staging_removed: usize,
+    pub published: usize,
+    pub requeued: usize,
+    pub released: usize,
+    pub killed_groups: usize,
+}
+
+impl Spool {
+    pub fn recover(&self) -> Result<Recovered> {
+        let mut done = Recovered::default();
+        self.recover_tmp(&mut done)?;
+        self.recover_claims(&mut done)?;
+        Ok(done)
+    }
+
+    fn recover_tmp(&self, done: &mut Recovered) -> Result<()> {
+        let tmp = self.dir("tmp");
+        let own = format!("{}.", self.host());
+        for entry in fs::read_dir(&tmp).at("list", &tmp)? {
+            let entry = entry.at("list", &tmp)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with(&own) {
+                if let Some(id) = name.split_once(JOURNAL_MARK).and_then(|(_, id)| EventId::parse(id).ok()) {
+                    if self.journal_unpublished(&path, &id) {
+                        self.publish_journal(&path, &id)?;
+                        tracing::info!(%id, "published an event whose submit was cut short by a crash");
+                        done.published += 1;
+                    }
+                }
+            } else if !is_older_than(&path, FOREIGN_TMP_AGE) {
+                continue;
+            }
+            remove_any(&path);
+            done.staging_removed += 1;
+        }
+        Ok(())
+    }
+
+    /// A staged entry was never linked when its inode has one name, and the
+    /// event it stands for exists but was never touched by a dispatcher.
+    fn journal_unpublished(&self, journal: &Path, id: &EventId) -> bool {
+        let single = fs::metadata(journal).map(|m| m.nlink() == 1).unwrap_or(false);
+        let dir = self.event_dir(id);
+        single && dir.join("event.json").exists() && !dir.join("status.json").exists()
+    }
+
+    fn recover_claims(&self, done: &mut Recovered) -> Result<()> {
+        let (ids, strays) = self.list_own_claims()?;
+        for stray in strays {
+            tracing::warn!(path = %stray.display(), "ignoring a file in running/ that is not an event ID; remove it by hand");
+        }
+        for id in ids {
+            let path = self.running_path(&id);
+            let record: Option<ClaimRecord> = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(mark) = record.as_ref().and_then(|r| r.process) {
+                if kill_leftover_group(mark) {
+                    tracing::warn!(%id, pid = mark.pid, "killed a handler left running by the previous spoold");
+                    done.killed_groups += 1;
+                }
+            }
+            self.recover_claim(&id, record.map(|r| r.entry), done)?;
+        }
+        Ok(())
+    }
+
+    fn recover_claim(&self, id: &EventId, entry: Option<QueueEntry>, done: &mut Recovered) -> Result<()> {
+        let status = match self.read_status(id) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%id, error = %e, "claimed event is damaged; moving it to the dead letters");
+                let letter = DeadLetter {
+                    id: id.to_string(),
+                    kind: entry.map(|e| e.kind).unwrap_or_default(),
+                    attempts: 0,
+                    error: Some(e.to_string()),
+                    at: Timestamp::now(),
+                };
+                return self.dead_letter(id, &letter);
+            }
+        };
+        match status {
+            Some(s) if s.state.is_terminal() => {
+                self.release(id)?;
+                done.released += 1;
+            }
+            Some(s) => {
+                let mut next = s.next();
+                next.state = State::Queued;
+                next.message = Some(format!("requeued: spoold on host {} restarted during attempt {}", self.host(), s.attempt));
+                self.write_status(&next, Durability::Durable)?;
+                let entry = entry.unwrap_or(QueueEntry { kind: s.kind.clone(), not_before_ms: None });
+                self.requeue(id, &QueueEntry { not_before_ms: None, ..entry })?;
+                tracing::info!(%id, attempt = s.attempt, "requeued an event this host was running when it stopped");
+                done.requeued += 1;
+            }
+            None => {
+                tracing::warn!(%id, "dropping a claim whose event directory is gone");
+                self.release(id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kills the process group of a handler started by a previous spoold, if it
+/// is still there. The start time guards against a recycled pid.
+fn kill_leftover_group(mark: ProcessMark) -> bool {
+    if mark.pid <= 1 {
+        return false;
+    }
+    let leader_is_ours = match process_start(mark.pid) {
+        Some(start) => start == mark.start,
+        // The leader is gone; while any member of its group lives, the kernel
+        // will not hand its pid out again, so a group with this id is ours.
+        None => true,
+    };
+    // SAFETY: plain kill(2) on a negative pid (a process group).
+    leader_is_ours && unsafe { libc::kill(-mark.pid, libc::SIGKILL) } == 0
+}
+
+/// Field 22 of /proc/<pid>/stat: start time in clock ticks after boot.
+pub fn process_start(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+fn is_older_than(path: &Path, age: Duration) -> bool {
+    fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .map(|t| SystemTime::now().duration_since(t).unwrap_or_default() > age)
+        .unwrap_or(false)
+}
+
+fn remove_any(path: &Path) {
+    let result = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        if !is_gone(&e) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a staging leftover");
+        }
+    }
+}
