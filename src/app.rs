@@ -52,7 +52,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let settings = Arc::new(settings);
     let spool = Spool::open(&settings.spool_dir, &settings.host_id, settings.fsync)
         .with_context(|| format!("cannot open the spool at {}", settings.spool_dir.display()))?;
-    let shared_fs = settings.shared.unwrap_or_else(|| crate::spool::is_network_fs(spool.root()));
+    let shared_fs = settings
+        .shared
+        .unwrap_or_else(|| crate::spool::is_network_fs(spool.root()));
     let recovered = spool.recover().context("recovery of the spool failed")?;
     tracing::info!(spool = %spool.root().display(), host = %settings.host_id, shared = shared_fs, ?recovered, "spool ready");
     if !settings.handlers_dir.is_dir() {
@@ -60,9 +62,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
 
     let (dispatch, rx) = DispatchHandle::channel();
-    let sh = Arc::new(Shared { settings: Arc::clone(&settings), spool: Arc::new(spool), hub: Arc::default(), metrics: Metrics::default(), dispatch, shared_fs });
+    let sh = Arc::new(Shared {
+        settings: Arc::clone(&settings),
+        spool: Arc::new(spool),
+        hub: Arc::default(),
+        metrics: Metrics::default(),
+        dispatch,
+        shared_fs,
+    });
 
-    let listener = TcpListener::bind(settings.listen).await.with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     let _watcher = match watch::start(&sh.spool.dir("queue"), sh.dispatch.clone()) {
         Ok(w) => Some(w),
@@ -75,7 +86,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let runs = TaskTracker::new();
     let abort = CancellationToken::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(dispatch::run(Arc::clone(&sh), rx, shutdown.clone(), abort.clone(), runs.clone()));
+    tasks.spawn(dispatch::run(
+        Arc::clone(&sh),
+        rx,
+        shutdown.clone(),
+        abort.clone(),
+        runs.clone(),
+    ));
     tasks.spawn(gc_loop(Arc::clone(&sh), shutdown.clone()));
     let server = tasks.spawn(serve::run(Arc::clone(&sh), listener, shutdown.clone()));
     println!("spoold listening on http://{addr}");
@@ -84,7 +101,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     runs.close();
-    if tokio::time::timeout(settings.shutdown_grace, runs.wait()).await.is_err() {
+    if tokio::time::timeout(settings.shutdown_grace, runs.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("handlers still running after shutdown_grace; stopping them and requeueing their events");
         abort.cancel();
         runs.wait().await;
@@ -105,7 +125,9 @@ async fn gc_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
         let spool = Arc::clone(&sh.spool);
         let (retention, batch) = (sh.settings.retention, sh.settings.gc_batch);
         match tokio::task::spawn_blocking(move || spool.sweep(retention, batch)).await {
-            Ok(Ok(swept)) if swept.events_deleted + swept.keys_deleted > 0 => tracing::info!(?swept, "retention sweep"),
+            Ok(Ok(swept)) if swept.events_deleted + swept.keys_deleted > 0 => {
+                tracing::info!(?swept, "retention sweep")
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
             _ => {}
         }

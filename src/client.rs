@@ -28,7 +28,11 @@ fn url(server: &str, path: &str) -> String {
     format!("{}{path}", server.trim_end_matches('/'))
 }
 
-async fn send(c: &HttpClient, req: Request<Full<Bytes>>, server: &str) -> anyhow::Result<Response<Incoming>> {
+async fn send(
+    c: &HttpClient,
+    req: Request<Full<Bytes>>,
+    server: &str,
+) -> anyhow::Result<Response<Incoming>> {
     c.request(req).await.map_err(|e| anyhow!("cannot reach spoold at {server}: {e}; is `spoold serve` running there? (set --server or SPOOLD_SERVER)"))
 }
 
@@ -49,10 +53,13 @@ fn read_payload(arg: Option<&str>) -> anyhow::Result<String> {
         None => "{}".to_owned(),
         Some("-") => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("cannot read the payload from standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("cannot read the payload from standard input")?;
             s
         }
-        Some(file) if file.starts_with('@') => std::fs::read_to_string(&file[1..]).with_context(|| format!("cannot read the payload file {}", &file[1..]))?,
+        Some(file) if file.starts_with('@') => std::fs::read_to_string(&file[1..])
+            .with_context(|| format!("cannot read the payload file {}", &file[1..]))?,
         Some(json) => json.to_owned(),
     };
     serde_json::from_str::<Value>(&text).with_context(|| "the payload is not valid JSON; pass JSON text such as '{\"n\": 3}', @file.json, or - for standard input")?;
@@ -63,7 +70,8 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     let payload = read_payload(args.payload.as_deref())?;
     let c = client();
     let server = &args.server.server;
-    let mut req = Request::post(url(server, &format!("/events/{}", args.kind))).header("content-type", "application/json");
+    let mut req = Request::post(url(server, &format!("/events/{}", args.kind)))
+        .header("content-type", "application/json");
     if let Some(key) = &args.key {
         req = req.header("idempotency-key", key);
     }
@@ -73,7 +81,10 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     if !ok {
         bail!("{}", problem_text(&body));
     }
-    let id = body["id"].as_str().ok_or_else(|| anyhow!("the server's answer has no id: {body}"))?.to_owned();
+    let id = body["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server's answer has no id: {body}"))?
+        .to_owned();
     if !args.wait {
         println!("{id}");
         return Ok(0);
@@ -90,7 +101,8 @@ async fn follow(c: &HttpClient, server: &str, id: &str) -> anyhow::Result<Value>
     let mut failures = 0;
     let tty = std::io::stderr().is_terminal();
     loop {
-        let mut req = Request::get(url(server, &format!("/events/{id}/stream"))).header("accept", "text/event-stream");
+        let mut req = Request::get(url(server, &format!("/events/{id}/stream")))
+            .header("accept", "text/event-stream");
         if let Some(l) = &last_id {
             req = req.header("last-event-id", l.as_str());
         }
@@ -116,7 +128,9 @@ async fn follow(c: &HttpClient, server: &str, id: &str) -> anyhow::Result<Value>
         let mut event = Event::default();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
-            let Some(data) = frame.data_ref() else { continue };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
             buf.push_str(&String::from_utf8_lossy(data));
             while let Some(pos) = buf.find('\n') {
                 let line: String = buf.drain(..=pos).collect();
@@ -182,7 +196,11 @@ fn draw(status: &Value, tty: bool) {
     let state = status["state"].as_str().unwrap_or("?");
     let msg = status["message"].as_str().unwrap_or("");
     let filled = (pct / 5.0).round() as usize;
-    let bar = format!("[{}{}] {pct:>3.0}% {state} {msg}", "#".repeat(filled), ".".repeat(20 - filled.min(20)));
+    let bar = format!(
+        "[{}{}] {pct:>3.0}% {state} {msg}",
+        "#".repeat(filled),
+        ".".repeat(20 - filled.min(20))
+    );
     if tty {
         eprint!("\r\x1b[2K{bar}");
     } else {
@@ -193,10 +211,19 @@ fn draw(status: &Value, tty: bool) {
 
 async fn finish(c: &HttpClient, server: &str, id: &str, last: &Value) -> anyhow::Result<i32> {
     if last["state"] != "succeeded" {
-        eprintln!("event {id} ended {}: {}", last["state"].as_str().unwrap_or("?"), last["error"].as_str().unwrap_or("no error recorded"));
+        eprintln!(
+            "event {id} ended {}: {}",
+            last["state"].as_str().unwrap_or("?"),
+            last["error"].as_str().unwrap_or("no error recorded")
+        );
         return Ok(1);
     }
-    let resp = send(c, Request::get(url(server, &format!("/events/{id}/result"))).body(Full::new(Bytes::new()))?, server).await?;
+    let resp = send(
+        c,
+        Request::get(url(server, &format!("/events/{id}/result"))).body(Full::new(Bytes::new()))?,
+        server,
+    )
+    .await?;
     let bytes = resp.into_body().collect().await?.to_bytes();
     std::io::stdout().write_all(&bytes)?;
     Ok(0)
@@ -205,7 +232,8 @@ async fn finish(c: &HttpClient, server: &str, id: &str, last: &Value) -> anyhow:
 pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let c = client();
     let server = &args.server.server;
-    let req = Request::get(url(server, &format!("/events/{}", args.id))).header("accept", "application/json");
+    let req = Request::get(url(server, &format!("/events/{}", args.id)))
+        .header("accept", "application/json");
     let resp = send(&c, req.body(Full::new(Bytes::new()))?, server).await?;
     let ok = resp.status().is_success();
     let body = body_json(resp).await?;

@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]
-#[command(name = "spoold", version, about = "An event processor on a file spool: drop an event, a handler runs it, poll or stream its progress.")]
+#[command(
+    name = "spoold",
+    version,
+    about = "An event processor on a file spool: drop an event, a handler runs it, poll or stream its progress."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -162,7 +166,9 @@ impl Default for Settings {
             host_id: String::new(),
             insecure: false,
             fsync: true,
-            concurrency: 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            concurrency: 2 * std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             timeout: Duration::from_secs(300),
             max_attempts: 3,
             backoff_base: Duration::from_secs(1),
@@ -241,7 +247,9 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
             return Ok(Duration::from_secs_f64(secs));
         }
     }
-    humantime::parse_duration(s).with_context(|| format!("{s:?} is not a duration; write e.g. \"30s\", \"5m\" or \"250ms\""))
+    humantime::parse_duration(s).with_context(|| {
+        format!("{s:?} is not a duration; write e.g. \"30s\", \"5m\" or \"250ms\"")
+    })
 }
 
 impl Settings {
@@ -263,18 +271,27 @@ impl Settings {
             s.host_id = hostname();
         }
         // Handlers run with their event directory as cwd: paths must be absolute.
-        s.spool_dir = std::path::absolute(&s.spool_dir).with_context(|| format!("bad spool path {}", s.spool_dir.display()))?;
-        s.handlers_dir = std::path::absolute(&s.handlers_dir).with_context(|| format!("bad handlers path {}", s.handlers_dir.display()))?;
+        s.spool_dir = std::path::absolute(&s.spool_dir)
+            .with_context(|| format!("bad spool path {}", s.spool_dir.display()))?;
+        s.handlers_dir = std::path::absolute(&s.handlers_dir)
+            .with_context(|| format!("bad handlers path {}", s.handlers_dir.display()))?;
         s.validate()?;
         Ok(s)
     }
 
     fn apply_file(&mut self, path: &Path) -> anyhow::Result<()> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
-        let f: FileConfig = toml::from_str(&text).with_context(|| format!("{} is not a valid spoold config (see docs/configuration.md)", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let f: FileConfig = toml::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a valid spoold config (see docs/configuration.md)",
+                path.display()
+            )
+        })?;
         let dur = |name: &str, v: Option<String>, slot: &mut Duration| -> anyhow::Result<()> {
             if let Some(v) = v {
-                *slot = parse_duration(&v).with_context(|| format!("{}: {name}", path.display()))?;
+                *slot =
+                    parse_duration(&v).with_context(|| format!("{}: {name}", path.display()))?;
             }
             Ok(())
         };
@@ -283,9 +300,21 @@ impl Settings {
         dur("backoff_max", f.backoff_max, &mut self.backoff_max)?;
         dur("kill_grace", f.kill_grace, &mut self.kill_grace)?;
         dur("lease_ttl", f.lease_ttl, &mut self.lease_ttl)?;
-        dur("rescan_interval", f.rescan_interval, &mut self.rescan_interval)?;
-        dur("shared_rescan_interval", f.shared_rescan_interval, &mut self.shared_rescan_interval)?;
-        dur("progress_interval", f.progress_interval, &mut self.progress_interval)?;
+        dur(
+            "rescan_interval",
+            f.rescan_interval,
+            &mut self.rescan_interval,
+        )?;
+        dur(
+            "shared_rescan_interval",
+            f.shared_rescan_interval,
+            &mut self.shared_rescan_interval,
+        )?;
+        dur(
+            "progress_interval",
+            f.progress_interval,
+            &mut self.progress_interval,
+        )?;
         dur("retention", f.retention, &mut self.retention)?;
         dur("gc_interval", f.gc_interval, &mut self.gc_interval)?;
         dur("page_refresh", f.page_refresh, &mut self.page_refresh)?;
@@ -310,7 +339,11 @@ impl Settings {
         set(&mut self.stderr_tail_bytes, f.stderr_tail_bytes);
         set(&mut self.page_max_checks, f.page_max_checks);
         set(&mut self.max_connections, f.max_connections);
-        set(&mut self.forward_headers, f.forward_headers.map(|v| v.into_iter().map(|h| h.to_ascii_lowercase()).collect()));
+        set(
+            &mut self.forward_headers,
+            f.forward_headers
+                .map(|v| v.into_iter().map(|h| h.to_ascii_lowercase()).collect()),
+        );
         set(&mut self.pass_env, f.pass_env);
         Ok(())
     }
@@ -324,7 +357,10 @@ impl Settings {
         }
         if self.host_id.is_empty()
             || self.host_id.len() > 64
-            || !self.host_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            || !self
+                .host_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             || self.host_id.starts_with('.')
         {
             bail!("host id {:?} must be 1 to 64 characters of letters, digits, '-', '_' or '.', not starting with '.'; set it with --host-id", self.host_id);
@@ -336,7 +372,12 @@ impl Settings {
                 self.listen
             );
         }
-        for (name, d) in [("lease_ttl", self.lease_ttl), ("rescan_interval", self.rescan_interval), ("progress_interval", self.progress_interval), ("sse_heartbeat", self.sse_heartbeat)] {
+        for (name, d) in [
+            ("lease_ttl", self.lease_ttl),
+            ("rescan_interval", self.rescan_interval),
+            ("progress_interval", self.progress_interval),
+            ("sse_heartbeat", self.sse_heartbeat),
+        ] {
             if d.is_zero() {
                 bail!("{name} must be greater than zero");
             }
@@ -361,7 +402,10 @@ fn hostname() -> String {
     } else {
         String::new()
     };
-    let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
     if clean.is_empty() {
         "localhost".into()
     } else {

@@ -33,7 +33,9 @@ pub struct Subscription {
 impl Hub {
     /// Hands a newly written status to everyone following its event.
     pub fn publish(&self, status: &Status) {
-        let Ok(id) = EventId::parse(&status.id) else { return };
+        let Ok(id) = EventId::parse(&status.id) else {
+            return;
+        };
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = channels.get(&id) {
             offer(tx, status);
@@ -61,7 +63,11 @@ impl Hub {
                 }
             }
         };
-        let sub = Subscription { rx, hub: Arc::clone(self), id: id.clone() };
+        let sub = Subscription {
+            rx,
+            hub: Arc::clone(self),
+            id: id.clone(),
+        };
         if let Some(again) = load() {
             self.publish(&again);
         }
@@ -71,7 +77,10 @@ impl Hub {
     /// Events someone is following right now.
     pub fn followed(&self) -> Vec<(EventId, u64)> {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        channels.iter().map(|(id, tx)| (id.clone(), tx.borrow().seq)).collect()
+        channels
+            .iter()
+            .map(|(id, tx)| (id.clone(), tx.borrow().seq))
+            .collect()
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -96,7 +105,10 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut channels = self.hub.channels.lock().unwrap_or_else(|e| e.into_inner());
         // Our own receiver is still alive here, hence "1".
-        if channels.get(&self.id).is_some_and(|tx| tx.receiver_count() <= 1) {
+        if channels
+            .get(&self.id)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
             channels.remove(&self.id);
         }
     }

@@ -35,14 +35,16 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         fields.insert("message".into(), Value::from(m));
     }
     if let Some(d) = args.data {
-        let data: Value = serde_json::from_str(&d).context("--data must be JSON, e.g. --data '{\"rows\": 10}'")?;
+        let data: Value = serde_json::from_str(&d)
+            .context("--data must be JSON, e.g. --data '{\"rows\": 10}'")?;
         fields.insert("data".into(), data);
     }
     if let Some(ct) = args.content_type {
         fields.insert("content_type".into(), Value::from(ct));
     }
     let tmp = path.with_file_name(format!(".progress.json.{}.tmp", std::process::id()));
-    fs::write(&tmp, serde_json::to_vec(&Value::Object(fields))?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::write(&tmp, serde_json::to_vec(&Value::Object(fields))?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
     Ok(())
 }

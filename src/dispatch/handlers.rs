@@ -53,20 +53,34 @@ pub fn resolve(dir: &Path, kind: &HandlerType) -> Result<HandlerSpec, HandlerErr
     match fs::metadata(&path) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
         Ok(m) if m.is_file() => return Err(HandlerError::NotExecutable { path }),
-        _ => return Err(HandlerError::Missing { kind: kind.to_string(), dir: dir.to_owned() }),
+        _ => {
+            return Err(HandlerError::Missing {
+                kind: kind.to_string(),
+                dir: dir.to_owned(),
+            })
+        }
     }
     let toml_path = dir.join(format!("{kind}.toml"));
     let conf = match fs::read_to_string(&toml_path) {
         Ok(text) => parse_toml(&toml_path, &text)?,
         Err(_) => HandlerToml::default(),
     };
-    let bad = |detail: String| HandlerError::BadConfig { path: toml_path.clone(), detail };
+    let bad = |detail: String| HandlerError::BadConfig {
+        path: toml_path.clone(),
+        detail,
+    };
     let timeout = match conf.timeout {
         None => None,
         Some(toml::Value::Integer(n)) if n > 0 => Some(Duration::from_secs(n as u64)),
         Some(toml::Value::Float(f)) if f > 0.0 && f.is_finite() => Some(Duration::from_secs_f64(f)),
-        Some(toml::Value::String(s)) => Some(parse_duration(&s).map_err(|e| bad(format!("timeout: {e:#}")))?),
-        Some(other) => return Err(bad(format!("timeout: {other} is not a duration; write e.g. timeout = \"30s\""))),
+        Some(toml::Value::String(s)) => {
+            Some(parse_duration(&s).map_err(|e| bad(format!("timeout: {e:#}")))?)
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "timeout: {other} is not a duration; write e.g. timeout = \"30s\""
+            )))
+        }
     };
     if conf.max_attempts == Some(0) || conf.concurrency == Some(0) {
         return Err(bad("max_attempts and concurrency must be at least 1".into()));
@@ -90,7 +104,9 @@ fn parse_toml(path: &Path, text: &str) -> Result<HandlerToml, HandlerError> {
 
 /// The types that have a runnable handler, sorted.
 pub fn list(dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut kinds: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|name| HandlerType::parse(name).is_ok_and(|k| resolve(dir, &k).is_ok()))

@@ -59,7 +59,13 @@ pub struct DispatchHandle {
 impl DispatchHandle {
     pub fn channel() -> (DispatchHandle, mpsc::UnboundedReceiver<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (DispatchHandle { tx, pending: Arc::default() }, rx)
+        (
+            DispatchHandle {
+                tx,
+                pending: Arc::default(),
+            },
+            rx,
+        )
     }
 
     pub fn queued(&self, id: EventId, entry: QueueEntry) {
@@ -89,7 +95,13 @@ struct Dispatcher {
 
 /// Runs until `shutdown`; then stops starting runs. Runs still going are told
 /// to stop when `abort` fires and are awaited through `tracker`.
-pub async fn run(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>, shutdown: CancellationToken, abort: CancellationToken, tracker: TaskTracker) {
+pub async fn run(
+    sh: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+) {
     let mut d = Dispatcher {
         sh,
         pending: BTreeMap::new(),
@@ -108,7 +120,9 @@ pub async fn run(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>, shutdown
             next_scan = Instant::now() + interval;
         }
         d.start_due();
-        d.sh.dispatch.pending.store(d.pending.len(), Ordering::Relaxed);
+        d.sh.dispatch
+            .pending
+            .store(d.pending.len(), Ordering::Relaxed);
         let wake = d.next_due().map_or(next_scan, |t| t.min(next_scan));
         tokio::select! {
             biased;
@@ -175,7 +189,10 @@ impl Dispatcher {
             tracing::error!(error = %e, "cannot list the queue");
         }
         let sh = Arc::clone(&self.sh);
-        let taken = tokio::task::spawn_blocking(move || take_over_stale_claims(&sh.spool, sh.settings.lease_ttl)).await;
+        let taken = tokio::task::spawn_blocking(move || {
+            take_over_stale_claims(&sh.spool, sh.settings.lease_ttl)
+        })
+        .await;
         if let Ok(ids) = taken {
             for id in ids {
                 if let Some(entry) = read_entry(&self.sh.spool, &id) {
@@ -187,7 +204,12 @@ impl Dispatcher {
 
     fn next_due(&self) -> Option<Instant> {
         let now_ms = crate::spool::records::Timestamp::now().unix_ms();
-        let earliest = self.pending.values().filter_map(|e| e.not_before_ms).filter(|&t| t > now_ms).min()?;
+        let earliest = self
+            .pending
+            .values()
+            .filter_map(|e| e.not_before_ms)
+            .filter(|&t| t > now_ms)
+            .min()?;
         Some(Instant::now() + Duration::from_millis(earliest - now_ms))
     }
 
@@ -242,7 +264,8 @@ impl Dispatcher {
             .ok()
             .and_then(|k| handlers::resolve(&self.sh.settings.handlers_dir, &k).ok())
             .and_then(|spec| spec.concurrency);
-        self.limits.insert(kind.to_owned(), (limit, StdInstant::now()));
+        self.limits
+            .insert(kind.to_owned(), (limit, StdInstant::now()));
         limit.unwrap_or(usize::MAX)
     }
 }
@@ -254,8 +277,16 @@ fn read_entry(spool: &Spool, id: &EventId) -> Option<QueueEntry> {
     match spool.read_entry(&path) {
         Ok(Some(entry)) => Some(entry),
         Ok(None) if path.exists() => {
-            let kind = spool.read_envelope(id).ok().flatten().map(|e| e.kind).unwrap_or_default();
-            Some(QueueEntry { kind, not_before_ms: None })
+            let kind = spool
+                .read_envelope(id)
+                .ok()
+                .flatten()
+                .map(|e| e.kind)
+                .unwrap_or_default();
+            Some(QueueEntry {
+                kind,
+                not_before_ms: None,
+            })
         }
         Ok(None) => None,
         Err(e) => {
@@ -269,16 +300,28 @@ fn read_entry(spool: &Spool, id: &EventId) -> Option<QueueEntry> {
 /// Returns the IDs this call put back.
 fn take_over_stale_claims(spool: &Spool, ttl: Duration) -> Vec<EventId> {
     let mut taken = Vec::new();
-    let Ok(hosts) = std::fs::read_dir(spool.dir("running")) else { return taken };
+    let Ok(hosts) = std::fs::read_dir(spool.dir("running")) else {
+        return taken;
+    };
     let mut now = None;
     for host in hosts.flatten() {
         if host.file_name().to_str() == Some(spool.host()) {
             continue;
         }
-        let Ok(claims) = std::fs::read_dir(host.path()) else { continue };
+        let Ok(claims) = std::fs::read_dir(host.path()) else {
+            continue;
+        };
         for claim in claims.flatten() {
-            let Some(id) = claim.file_name().to_str().and_then(|n| EventId::parse(n).ok()) else { continue };
-            let Ok(mtime) = claim.metadata().and_then(|m| m.modified()) else { continue };
+            let Some(id) = claim
+                .file_name()
+                .to_str()
+                .and_then(|n| EventId::parse(n).ok())
+            else {
+                continue;
+            };
+            let Ok(mtime) = claim.metadata().and_then(|m| m.modified()) else {
+                continue;
+            };
             let fs_now = match now {
                 Some(t) => t,
                 None => match spool.fs_now() {

@@ -66,18 +66,36 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Running> {
     let stdout = tokio::spawn(read_capped(stdout, launch.stdout_cap, overflow.clone()));
     let stderr = child.stderr.take().expect("stderr is piped");
     let stderr = tokio::spawn(read_tail(stderr, launch.stderr_tail));
-    Ok(Running { child, pid, stdout, stderr, overflow })
+    Ok(Running {
+        child,
+        pid,
+        stdout,
+        stderr,
+        overflow,
+    })
 }
 
-async fn read_capped(mut r: impl AsyncRead + Unpin, cap: u64, overflow: CancellationToken) -> Captured {
+async fn read_capped(
+    mut r: impl AsyncRead + Unpin,
+    cap: u64,
+    overflow: CancellationToken,
+) -> Captured {
     let mut bytes = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return Captured { bytes, overflowed: false },
+            Ok(0) | Err(_) => {
+                return Captured {
+                    bytes,
+                    overflowed: false,
+                }
+            }
             Ok(n) if (bytes.len() + n) as u64 > cap => {
                 overflow.cancel();
-                return Captured { bytes: Vec::new(), overflowed: true };
+                return Captured {
+                    bytes: Vec::new(),
+                    overflowed: true,
+                };
             }
             Ok(n) => bytes.extend_from_slice(&buf[..n]),
         }

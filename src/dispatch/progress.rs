@@ -33,7 +33,11 @@ pub struct ProgressFile {
 
 impl ProgressFile {
     pub fn new(path: PathBuf) -> ProgressFile {
-        ProgressFile { path, seen: None, content_type: None }
+        ProgressFile {
+            path,
+            seen: None,
+            content_type: None,
+        }
     }
 
     /// The new contents, if the file changed since the last call.
@@ -74,12 +78,20 @@ pub fn parse(bytes: &[u8]) -> Option<Progress> {
         Some(Value::Null) | None => None,
         Some(other) => Some(cut(&other.to_string(), MAX_MESSAGE)),
     };
-    let data = map.get("data").cloned().filter(|d| d.to_string().len() <= MAX_DATA);
+    let data = map
+        .get("data")
+        .cloned()
+        .filter(|d| d.to_string().len() <= MAX_DATA);
     let content_type = match map.get("content_type") {
         Some(Value::String(s)) if is_token_like(s) => Some(s.clone()),
         _ => None,
     };
-    Some(Progress { progress, message, data, content_type })
+    Some(Progress {
+        progress,
+        message,
+        data,
+        content_type,
+    })
 }
 
 fn cut(s: &str, max: usize) -> String {
@@ -108,11 +120,17 @@ mod tests {
         assert_eq!(p.progress, Some(100.0));
         assert_eq!(p.message.as_deref(), Some("hi"));
         assert_eq!(parse(br#"{"progress": -3}"#).unwrap().progress, Some(0.0));
-        assert_eq!(parse(br#"{"progress": "40%"}"#).unwrap().progress, Some(40.0));
+        assert_eq!(
+            parse(br#"{"progress": "40%"}"#).unwrap().progress,
+            Some(40.0)
+        );
         assert!(parse(b"{\"progress\": 4").is_none());
         assert!(parse(b"[1,2]").is_none());
         let bad_utf8 = parse(b"{\"message\": \"a\xffb\"}").unwrap();
         assert_eq!(bad_utf8.message.as_deref(), Some("a\u{fffd}b"));
-        assert!(parse(br#"{"content_type": "text/html\r\nX: y"}"#).unwrap().content_type.is_none());
+        assert!(parse(br#"{"content_type": "text/html\r\nX: y"}"#)
+            .unwrap()
+            .content_type
+            .is_none());
     }
 }

@@ -9,7 +9,9 @@ use crate::config::Settings;
 /// `base · 2^(attempt-1)`, capped at `backoff_max`, then scaled by a random
 /// factor in [0.5, 1.0) ("equal jitter").
 pub fn backoff(settings: &Settings, attempt: u32) -> Duration {
-    let exp = settings.backoff_base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let exp = settings
+        .backoff_base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let capped = exp.min(settings.backoff_max);
     capped.mul_f64(0.5 + jitter() / 2.0)
 }
@@ -27,7 +29,11 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let s = Settings { backoff_base: Duration::from_secs(1), backoff_max: Duration::from_secs(10), ..Settings::default() };
+        let s = Settings {
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(10),
+            ..Settings::default()
+        };
         for _ in 0..100 {
             let first = backoff(&s, 1);
             assert!(first >= Duration::from_millis(500) && first < Duration::from_secs(1));

@@ -28,7 +28,9 @@ use crate::app::Shared;
 use crate::metrics::Metrics;
 use crate::spool::atomic::Durability;
 use crate::spool::ids::{EventId, HandlerType};
-use crate::spool::records::{DeadLetter, Envelope, QueueEntry, ResultInfo, State, Status, Timestamp};
+use crate::spool::records::{
+    DeadLetter, Envelope, QueueEntry, ResultInfo, State, Status, Timestamp,
+};
 use crate::spool::recover::{process_start, ClaimRecord, ProcessMark};
 use crate::spool::SpoolError;
 
@@ -82,7 +84,14 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
     }
     let dir = spool.event_dir(id);
     if dir.join("cancel").exists() {
-        return finish(sh, id, &env, status, Verdict::Final(State::Cancelled, "cancelled before it started".into()), None);
+        return finish(
+            sh,
+            id,
+            &env,
+            status,
+            Verdict::Final(State::Cancelled, "cancelled before it started".into()),
+            None,
+        );
     }
     let spec = match HandlerType::parse(&env.kind)
         .map_err(|e| e.to_string())
@@ -124,17 +133,24 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
     let mut running = match process::spawn(launch) {
         Ok(r) => r,
         Err(e) => {
-            let why = format!("could not start {}: {e} (is it executable, with a valid #! line?)", spec.path.display());
+            let why = format!(
+                "could not start {}: {e} (is it executable, with a valid #! line?)",
+                spec.path.display()
+            );
             return finish(sh, id, &env, st, Verdict::Final(State::Failed, why), None);
         }
     };
     Metrics::inc(&sh.metrics.started);
-    sh.metrics.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    sh.metrics
+        .running
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     mark_process(sh, id, &env, running.pid);
 
     let mut progress = ProgressFile::new(dir.join("progress.json"));
     let ending = supervise(sh, id, &mut running, &mut st, &mut progress, timeout, abort).await;
-    sh.metrics.running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    sh.metrics
+        .running
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 
     // The group is gone by now (or killed below); collect what it left.
     process::signal_group(running.pid, libc::SIGKILL);
@@ -163,30 +179,55 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
 /// Reads what the attempt needs. `Ok(None)`: the event vanished (deleted by hand).
 fn load(sh: &Shared, id: &EventId) -> Result<Option<(Envelope, Status)>, SpoolError> {
     let Some(env) = sh.spool.read_envelope(id)? else {
-        return Err(SpoolError::Damaged { path: sh.spool.event_dir(id), detail: "event.json is missing".into() });
+        return Err(SpoolError::Damaged {
+            path: sh.spool.event_dir(id),
+            detail: "event.json is missing".into(),
+        });
     };
-    let status = sh.spool.read_status(id)?.unwrap_or_else(|| Status::initial(&env));
+    let status = sh
+        .spool
+        .read_status(id)?
+        .unwrap_or_else(|| Status::initial(&env));
     Ok(Some((env, status)))
 }
 
 /// A claimed entry whose event cannot be read: dead-letter it, loudly.
 fn dead_on_arrival(sh: &Shared, id: &EventId, e: SpoolError) -> Result<(), SpoolError> {
     tracing::error!(error = %e, "queued event is damaged; moved to dead/");
-    let letter = DeadLetter { id: id.to_string(), kind: String::new(), attempts: 0, error: Some(e.to_string()), at: Timestamp::now() };
+    let letter = DeadLetter {
+        id: id.to_string(),
+        kind: String::new(),
+        attempts: 0,
+        error: Some(e.to_string()),
+        at: Timestamp::now(),
+    };
     Metrics::inc(&sh.metrics.dead_lettered);
     sh.spool.dead_letter(id, &letter)
 }
 
-fn handler_env(sh: &Shared, env: &Envelope, spec: &HandlerSpec, dir: &Path, attempt: u32, deadline: Timestamp) -> Vec<(String, String)> {
+fn handler_env(
+    sh: &Shared,
+    env: &Envelope,
+    spec: &HandlerSpec,
+    dir: &Path,
+    attempt: u32,
+    deadline: Timestamp,
+) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = Vec::new();
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
     // Put spoold itself on the PATH so shell handlers can call `spoold report`.
-    let path = match std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_owned)) {
+    let path = match std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+    {
         Some(own) => format!("{}:{path}", own.display()),
         None => path,
     };
     vars.push(("PATH".into(), path));
-    vars.push(("LANG".into(), std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into())));
+    vars.push((
+        "LANG".into(),
+        std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
+    ));
     for name in sh.settings.pass_env.iter().chain(&spec.env) {
         if let Ok(value) = std::env::var(name) {
             vars.push((name.clone(), value));
@@ -210,11 +251,18 @@ fn handler_env(sh: &Shared, env: &Envelope, spec: &HandlerSpec, dir: &Path, atte
 /// spoold can kill it if this one dies.
 fn mark_process(sh: &Shared, id: &EventId, env: &Envelope, pid: i32) {
     let record = ClaimRecord {
-        entry: QueueEntry { kind: env.kind.clone(), not_before_ms: None },
+        entry: QueueEntry {
+            kind: env.kind.clone(),
+            not_before_ms: None,
+        },
         process: process_start(pid).map(|start| ProcessMark { pid, start }),
     };
     let bytes = serde_json::to_vec(&record).expect("serializable");
-    if let Err(e) = sh.spool.writer().replace(&sh.spool.running_path(id), &bytes, Durability::Volatile) {
+    if let Err(e) =
+        sh.spool
+            .writer()
+            .replace(&sh.spool.running_path(id), &bytes, Durability::Volatile)
+    {
         tracing::warn!(error = %e, "could not note the handler's pid in its claim");
     }
 }
@@ -282,7 +330,8 @@ fn apply_progress(st: &mut Status, p: Progress) -> bool {
     if let Some(data) = p.data {
         next.data = data;
     }
-    let changed = next.progress != st.progress || next.message != st.message || next.data != st.data;
+    let changed =
+        next.progress != st.progress || next.message != st.message || next.data != st.data;
     if changed {
         *st = next;
     }
@@ -328,22 +377,43 @@ fn last_line(stderr: &[u8]) -> String {
 }
 
 /// Keeps the result: the file the handler wrote, or else its stdout.
-fn store_result(sh: &Shared, id: &EventId, spec: &HandlerSpec, progress: &ProgressFile, stdout: Captured) -> Result<Option<ResultInfo>, String> {
+fn store_result(
+    sh: &Shared,
+    id: &EventId,
+    spec: &HandlerSpec,
+    progress: &ProgressFile,
+    stdout: Captured,
+) -> Result<Option<ResultInfo>, String> {
     let path = sh.spool.event_dir(id).join("result");
     let cap = sh.settings.max_result_bytes;
     let (len, head) = match fs::metadata(&path) {
-        Ok(m) if m.len() > cap => return Err(format!("the result file is {} bytes, over max_result_bytes ({cap})", m.len())),
+        Ok(m) if m.len() > cap => {
+            return Err(format!(
+                "the result file is {} bytes, over max_result_bytes ({cap})",
+                m.len()
+            ))
+        }
         Ok(m) => (m.len(), read_head(&path)),
         Err(_) if stdout.bytes.is_empty() => return Ok(None),
         Err(_) => {
             sh.spool
                 .write_event_file(id, "result", &stdout.bytes, Durability::Durable)
                 .map_err(|e| format!("could not store the result: {e}"))?;
-            (stdout.bytes.len() as u64, stdout.bytes[..stdout.bytes.len().min(512)].to_vec())
+            (
+                stdout.bytes.len() as u64,
+                stdout.bytes[..stdout.bytes.len().min(512)].to_vec(),
+            )
         }
     };
-    let content_type = progress.content_type.clone().or_else(|| spec.content_type.clone()).unwrap_or_else(|| sniff(&head).into());
-    Ok(Some(ResultInfo { content_type, bytes: len }))
+    let content_type = progress
+        .content_type
+        .clone()
+        .or_else(|| spec.content_type.clone())
+        .unwrap_or_else(|| sniff(&head).into());
+    Ok(Some(ResultInfo {
+        content_type,
+        bytes: len,
+    }))
 }
 
 fn read_head(path: &Path) -> Vec<u8> {
@@ -373,7 +443,9 @@ pub fn sniff(head: &[u8]) -> &'static str {
         "text/html; charset=utf-8"
     } else if t.starts_with('{') || t.starts_with('[') {
         "application/json"
-    } else if std::str::from_utf8(head).is_ok() || head.len() >= 509 && std::str::from_utf8(&head[..head.len() - 3]).is_ok() {
+    } else if std::str::from_utf8(head).is_ok()
+        || head.len() >= 509 && std::str::from_utf8(&head[..head.len() - 3]).is_ok()
+    {
         "text/plain; charset=utf-8"
     } else {
         "application/octet-stream"
@@ -381,7 +453,14 @@ pub fn sniff(head: &[u8]) -> &'static str {
 }
 
 async fn join_or_empty(h: tokio::task::JoinHandle<Captured>) -> Captured {
-    join_or(h, Captured { bytes: Vec::new(), overflowed: true }).await
+    join_or(
+        h,
+        Captured {
+            bytes: Vec::new(),
+            overflowed: true,
+        },
+    )
+    .await
 }
 
 /// Waits briefly for an output reader: a process that left the group (setsid)
@@ -397,7 +476,14 @@ async fn join_or<T>(mut h: tokio::task::JoinHandle<T>, fallback: T) -> T {
 }
 
 /// Records the verdict: status first (fsync'd), then the claim is let go.
-fn finish(sh: &Shared, id: &EventId, env: &Envelope, st: Status, verdict: Verdict, result: Option<ResultInfo>) -> Result<(), SpoolError> {
+fn finish(
+    sh: &Shared,
+    id: &EventId,
+    env: &Envelope,
+    st: Status,
+    verdict: Verdict,
+    result: Option<ResultInfo>,
+) -> Result<(), SpoolError> {
     let spool = &sh.spool;
     let mut next = st.next();
     let attempts_left = st.attempt < env.max_attempts;
@@ -446,20 +532,35 @@ fn finish(sh: &Shared, id: &EventId, env: &Envelope, st: Status, verdict: Verdic
     count_final(sh, &next);
     tracing::info!(state = next.state.as_str(), error = ?next.error, "event finished");
     if next.dead_letter {
-        let letter = DeadLetter { id: id.to_string(), kind: env.kind.clone(), attempts: next.attempt, error: next.error.clone(), at: Timestamp::now() };
+        let letter = DeadLetter {
+            id: id.to_string(),
+            kind: env.kind.clone(),
+            attempts: next.attempt,
+            error: next.error.clone(),
+            at: Timestamp::now(),
+        };
         spool.dead_letter(id, &letter)
     } else {
         spool.release(id)
     }
 }
 
-fn requeue(sh: &Shared, id: &EventId, env: &Envelope, status: Status, at: Option<Timestamp>) -> Result<(), SpoolError> {
+fn requeue(
+    sh: &Shared,
+    id: &EventId,
+    env: &Envelope,
+    status: Status,
+    at: Option<Timestamp>,
+) -> Result<(), SpoolError> {
     if !sh.spool.holds(id) {
         return Ok(());
     }
     sh.spool.write_status(&status, Durability::Durable)?;
     sh.hub.publish(&status);
-    let entry = QueueEntry { kind: env.kind.clone(), not_before_ms: at.map(Timestamp::unix_ms) };
+    let entry = QueueEntry {
+        kind: env.kind.clone(),
+        not_before_ms: at.map(Timestamp::unix_ms),
+    };
     sh.spool.requeue(id, &entry)?;
     sh.dispatch.queued(id.clone(), entry);
     Ok(())
@@ -488,7 +589,13 @@ pub fn cancel_queued(sh: &Shared, id: &EventId) -> Result<bool, SpoolError> {
         sh.spool.release(id)?;
         return Ok(false);
     };
-    finish(sh, id, &env, status, Verdict::Final(State::Cancelled, "cancelled before it started".into()), None)?;
+    finish(
+        sh,
+        id,
+        &env,
+        status,
+        Verdict::Final(State::Cancelled, "cancelled before it started".into()),
+        None,
+    )?;
     Ok(true)
 }
-

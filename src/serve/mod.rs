@@ -76,7 +76,10 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
         });
     }
     drop(listener);
-    if tokio::time::timeout(sh.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(sh.settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections were still open after shutdown_grace; closing them");
     }
 }

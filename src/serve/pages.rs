@@ -42,13 +42,21 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
     let pct = status.progress.unwrap_or(0.0);
     let message = status.message.as_deref().map(escape).unwrap_or_default();
     let (title, body, reload) = if status.state.is_terminal() {
-        (format!("{kind}: {}", status.state.as_str()), finished_body(sh, status), None)
+        (
+            format!("{kind}: {}", status.state.as_str()),
+            finished_body(sh, status),
+            None,
+        )
     } else if check >= max {
         let body = format!(
             "<p>Still {state} after {check} checks. <a href=\"/events/{id}?check=0\">Keep waiting</a></p>",
             state = status.state.as_str()
         );
-        (format!("{kind}: still {}", status.state.as_str()), body, None)
+        (
+            format!("{kind}: still {}", status.state.as_str()),
+            body,
+            None,
+        )
     } else {
         let dots = ". ".repeat((check as usize % 20) + 1);
         let body = format!(
@@ -61,7 +69,15 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
             attempt = if status.attempt > 1 { format!(", attempt {} of {}", status.attempt, status.max_attempts) } else { String::new() },
             n = check + 1,
         );
-        (format!("Running {kind}…"), body, Some(format!("{refresh}; url=/events/{}?check={}", status.id, check + 1)))
+        (
+            format!("Running {kind}…"),
+            body,
+            Some(format!(
+                "{refresh}; url=/events/{}?check={}",
+                status.id,
+                check + 1
+            )),
+        )
     };
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
@@ -70,10 +86,19 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
     );
     let mut resp = Response::new(full(html));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert("content-security-policy", HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
     if let Some(r) = reload {
         h.insert("refresh", HeaderValue::from_str(&r).expect("ASCII"));
     }
@@ -84,7 +109,11 @@ fn finished_body(sh: &Shared, status: &Status) -> String {
     let id = escape(&status.id);
     match (status.state, &status.result) {
         (State::Succeeded, Some(info)) => {
-            let link = format!("<p><a href=\"/events/{id}/result\">Open the result</a> ({} bytes, {})</p>", info.bytes, escape(&info.content_type));
+            let link = format!(
+                "<p><a href=\"/events/{id}/result\">Open the result</a> ({} bytes, {})</p>",
+                info.bytes,
+                escape(&info.content_type)
+            );
             let inline = is_text(&info.content_type) && info.bytes <= INLINE_MAX;
             let preview = inline
                 .then(|| crate::spool::ids::EventId::parse(&status.id).ok())
@@ -108,7 +137,8 @@ fn is_text(content_type: &str) -> bool {
     ct.starts_with("text/") || ct.contains("json") || ct.contains("xml")
 }
 
-const CSS: &str = "body{font:16px/1.5 system-ui,sans-serif;margin:2rem;color:#222}main{max-width:48rem}\
+const CSS: &str =
+    "body{font:16px/1.5 system-ui,sans-serif;margin:2rem;color:#222}main{max-width:48rem}\
 progress{width:20rem;height:1.2rem}.small{color:#666;font-size:.85rem}.msg{font-style:italic}\
 pre{background:#f4f4f4;padding:1rem;overflow:auto;max-height:30rem}";
 
@@ -118,6 +148,9 @@ mod tests {
 
     #[test]
     fn escape_neutralises_markup() {
-        assert_eq!(escape(r#"<script>alert('x')</script>&""#), "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;");
+        assert_eq!(
+            escape(r#"<script>alert('x')</script>&""#),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
+        );
     }
 }

@@ -24,11 +24,19 @@ use crate::spool::ids::{EventId, HandlerType};
 use crate::spool::records::{QueueEntry, Status};
 use crate::spool::submit::{NewEvent, Submitted};
 
-pub async fn route(sh: Arc<Shared>, req: Request<Incoming>, shutdown: CancellationToken) -> Response<Body> {
+pub async fn route(
+    sh: Arc<Shared>,
+    req: Request<Incoming>,
+    shutdown: CancellationToken,
+) -> Response<Body> {
     Metrics::inc(&sh.metrics.http_requests);
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = if req.method() == Method::HEAD { Method::GET } else { req.method().clone() };
+    let method = if req.method() == Method::HEAD {
+        Method::GET
+    } else {
+        req.method().clone()
+    };
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, [""]) => Ok(html(pages::DEMO.into())),
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
@@ -56,8 +64,13 @@ pub async fn route(sh: Arc<Shared>, req: Request<Incoming>, shutdown: Cancellati
 }
 
 fn not_allowed(allow: &'static str) -> Problem {
-    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", format!("this resource accepts {allow}"))
-        .with("allow", json!(allow))
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("this resource accepts {allow}"),
+    )
+    .with("allow", json!(allow))
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -67,22 +80,36 @@ fn truncate(s: &str, n: usize) -> String {
 pub fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     let mut resp = Response::new(full(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
 
 fn html(body: String) -> Response<Body> {
     let mut resp = Response::new(full(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp.headers_mut().insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 
 fn metrics(sh: &Shared) -> Response<Body> {
     let mut resp = Response::new(full(sh.metrics.render(sh.dispatch.pending())));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     resp
 }
 
@@ -144,11 +171,20 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn submit(sh: &Arc<Shared>, kind: &str, req: Request<Incoming>) -> Result<Response<Body>, Problem> {
+async fn submit(
+    sh: &Arc<Shared>,
+    kind: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     let kind = HandlerType::parse(kind).map_err(|e| Problem::bad_request("invalid-type", e.0))?;
     let spec = handlers::resolve(&sh.settings.handlers_dir, &kind).map_err(|e| match e {
         HandlerError::BadConfig { .. } => Problem::internal(e.to_string()),
-        _ => Problem::new(StatusCode::NOT_FOUND, "unknown-type", "Unknown event type", e.to_string()),
+        _ => Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown-type",
+            "Unknown event type",
+            e.to_string(),
+        ),
     })?;
     let key = match req.headers().get("idempotency-key") {
         None => None,
@@ -193,7 +229,10 @@ async fn submit(sh: &Arc<Shared>, kind: &str, req: Request<Incoming>) -> Result<
     };
     let mut resp = json_response(code, &with_links(&status));
     let h = resp.headers_mut();
-    h.insert(header::LOCATION, HeaderValue::from_str(&format!("/events/{}", status.id)).expect("IDs are header-safe"));
+    h.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/events/{}", status.id)).expect("IDs are header-safe"),
+    );
     h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     h.insert(header::ETAG, etag(status.seq));
     Ok(resp)
@@ -201,8 +240,17 @@ async fn submit(sh: &Arc<Shared>, kind: &str, req: Request<Incoming>) -> Result<
 
 fn idempotency_key(v: &HeaderValue) -> Result<String, Problem> {
     match v.to_str() {
-        Ok(s) if !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' ') => Ok(s.trim_matches('"').to_owned()),
-        _ => Err(Problem::bad_request("invalid-idempotency-key", "Idempotency-Key must be 1 to 255 printable ASCII characters, e.g. a UUID")),
+        Ok(s)
+            if !s.is_empty()
+                && s.len() <= 255
+                && s.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' ') =>
+        {
+            Ok(s.trim_matches('"').to_owned())
+        }
+        _ => Err(Problem::bad_request(
+            "invalid-idempotency-key",
+            "Idempotency-Key must be 1 to 255 printable ASCII characters, e.g. a UUID",
+        )),
     }
 }
 
@@ -215,13 +263,21 @@ async fn read_json_body(sh: &Shared, req: Request<Incoming>) -> Result<Box<RawVa
     if declared.is_some_and(|n| n > cap as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), cap).collect().await.map_err(|e| {
-        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            too_large()
-        } else {
-            Problem::bad_request("body-unreadable", format!("could not read the request body: {e}"))
-        }
-    })?;
+    let body = Limited::new(req.into_body(), cap)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                Problem::bad_request(
+                    "body-unreadable",
+                    format!("could not read the request body: {e}"),
+                )
+            }
+        })?;
     let bytes = body.to_bytes();
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(RawValue::from_string("{}".into()).expect("valid JSON"));
@@ -238,7 +294,13 @@ fn etag(seq: u64) -> HeaderValue {
 /// The seq named by If-None-Match, if any.
 fn if_none_match(headers: &HeaderMap) -> Option<u64> {
     let v = header_str(headers, "if-none-match")?;
-    v.split(',').find_map(|t| t.trim().trim_start_matches("W/").trim_matches('"').parse().ok())
+    v.split(',').find_map(|t| {
+        t.trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .parse()
+            .ok()
+    })
 }
 
 fn wants_html(headers: &HeaderMap) -> bool {
@@ -252,10 +314,18 @@ fn wants_html(headers: &HeaderMap) -> bool {
 }
 
 fn read_status(sh: &Shared, id: &EventId) -> Result<Status, Problem> {
-    sh.spool.read_status(id)?.ok_or_else(|| Problem::not_found(format!("no event {id}: it never existed, or it finished longer ago than the retention period")))
+    sh.spool.read_status(id)?.ok_or_else(|| {
+        Problem::not_found(format!(
+            "no event {id}: it never existed, or it finished longer ago than the retention period"
+        ))
+    })
 }
 
-async fn get_status(sh: &Arc<Shared>, raw: &str, req: &Request<Incoming>) -> Result<Response<Body>, Problem> {
+async fn get_status(
+    sh: &Arc<Shared>,
+    raw: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
     let q = query(req);
     let mut status = read_status(sh, &id)?;
@@ -265,9 +335,17 @@ async fn get_status(sh: &Arc<Shared>, raw: &str, req: &Request<Incoming>) -> Res
     }
     let known = if_none_match(req.headers());
     if let Some(wait) = q.get("wait") {
-        let secs: f64 = wait.parse().map_err(|_| Problem::bad_request("invalid-wait", "wait must be a number of seconds, e.g. ?wait=30"))?;
-        let limit = Duration::from_secs_f64(secs.clamp(0.0, sh.settings.long_poll_max.as_secs_f64()));
-        status = long_poll(sh, &id, known.unwrap_or(status.seq), limit).await.unwrap_or(status);
+        let secs: f64 = wait.parse().map_err(|_| {
+            Problem::bad_request(
+                "invalid-wait",
+                "wait must be a number of seconds, e.g. ?wait=30",
+            )
+        })?;
+        let limit =
+            Duration::from_secs_f64(secs.clamp(0.0, sh.settings.long_poll_max.as_secs_f64()));
+        status = long_poll(sh, &id, known.unwrap_or(status.seq), limit)
+            .await
+            .unwrap_or(status);
     }
     if known == Some(status.seq) {
         let mut resp = Response::new(super::empty());
@@ -275,10 +353,14 @@ async fn get_status(sh: &Arc<Shared>, raw: &str, req: &Request<Incoming>) -> Res
         resp.headers_mut().insert(header::ETAG, etag(status.seq));
         return Ok(resp);
     }
-    let mut resp = json_response(StatusCode::OK, &serde_json::to_value(&status).expect("serializable"));
+    let mut resp = json_response(
+        StatusCode::OK,
+        &serde_json::to_value(&status).expect("serializable"),
+    );
     resp.headers_mut().insert(header::ETAG, etag(status.seq));
     if !status.state.is_terminal() {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     Ok(resp)
 }
@@ -287,7 +369,9 @@ async fn get_status(sh: &Arc<Shared>, raw: &str, req: &Request<Incoming>) -> Res
 async fn long_poll(sh: &Arc<Shared>, id: &EventId, known: u64, limit: Duration) -> Option<Status> {
     let spool = Arc::clone(&sh.spool);
     let load_id = id.clone();
-    let mut sub = sh.hub.subscribe(id, move || spool.read_status(&load_id).ok().flatten())?;
+    let mut sub = sh
+        .hub
+        .subscribe(id, move || spool.read_status(&load_id).ok().flatten())?;
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let current = Arc::clone(&sub.rx.borrow_and_update());
@@ -306,7 +390,8 @@ fn get_result(sh: &Shared, raw: &str) -> Result<Response<Body>, Problem> {
     let status = read_status(sh, &id)?;
     if !status.state.is_terminal() {
         let mut resp = json_response(StatusCode::ACCEPTED, &with_links(&status));
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return Ok(resp);
     }
     if status.state != crate::spool::records::State::Succeeded {
@@ -314,9 +399,16 @@ fn get_result(sh: &Shared, raw: &str) -> Result<Response<Body>, Problem> {
             StatusCode::CONFLICT,
             "event-not-succeeded",
             "The event did not succeed",
-            format!("event {id} ended {}: {}", status.state.as_str(), status.error.as_deref().unwrap_or("no error recorded")),
+            format!(
+                "event {id} ended {}: {}",
+                status.state.as_str(),
+                status.error.as_deref().unwrap_or("no error recorded")
+            ),
         )
-        .with("event", serde_json::to_value(&status).expect("serializable")));
+        .with(
+            "event",
+            serde_json::to_value(&status).expect("serializable"),
+        ));
     }
     let Some(info) = &status.result else {
         let mut resp = Response::new(super::empty());
@@ -324,19 +416,40 @@ fn get_result(sh: &Shared, raw: &str) -> Result<Response<Body>, Problem> {
         return Ok(resp);
     };
     let path = sh.spool.event_dir(&id).join("result");
-    let bytes = std::fs::read(&path).map_err(|e| Problem::internal(format!("the result of {id} could not be read: {e}")))?;
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Problem::internal(format!("the result of {id} could not be read: {e}")))?;
     let mut resp = Response::new(full(bytes));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(&info.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&info.content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     // A handler's HTML must never run script with this origin's authority.
-    h.insert("content-security-policy", HeaderValue::from_static("sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+        ),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=300"),
+    );
     h.insert(header::ETAG, etag(status.seq));
     Ok(resp)
 }
 
-fn stream(sh: &Arc<Shared>, raw: &str, req: &Request<Incoming>, shutdown: CancellationToken) -> Result<Response<Body>, Problem> {
+fn stream(
+    sh: &Arc<Shared>,
+    raw: &str,
+    req: &Request<Incoming>,
+    shutdown: CancellationToken,
+) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
     let last = header_str(req.headers(), "last-event-id")
         .map(str::to_owned)
@@ -353,27 +466,44 @@ async fn cancel(sh: &Arc<Shared>, raw: &str) -> Result<Response<Body>, Problem> 
             StatusCode::CONFLICT,
             "already-finished",
             "Already finished",
-            format!("event {id} already ended ({}); there is nothing to cancel", status.state.as_str()),
+            format!(
+                "event {id} already ended ({}); there is nothing to cancel",
+                status.state.as_str()
+            ),
         )
-        .with("event", serde_json::to_value(&status).expect("serializable")));
+        .with(
+            "event",
+            serde_json::to_value(&status).expect("serializable"),
+        ));
     }
     // The marker reaches whichever host runs the event; claiming a queued
     // event makes us its owner, so the cancelled status has one writer.
     let sh2 = Arc::clone(sh);
     let id2 = id.clone();
     tokio::task::spawn_blocking(move || {
-        sh2.spool.writer().create_new(&sh2.spool.event_dir(&id2).join("cancel"), b"", Durability::Durable).map_err(|e| crate::spool::SpoolError::Io {
-            op: "write",
-            path: sh2.spool.event_dir(&id2).join("cancel"),
-            source: e,
-        })?;
+        sh2.spool
+            .writer()
+            .create_new(
+                &sh2.spool.event_dir(&id2).join("cancel"),
+                b"",
+                Durability::Durable,
+            )
+            .map_err(|e| crate::spool::SpoolError::Io {
+                op: "write",
+                path: sh2.spool.event_dir(&id2).join("cancel"),
+                source: e,
+            })?;
         runner::cancel_queued(&sh2, &id2)
     })
     .await
     .map_err(|e| Problem::internal(format!("cancel task failed: {e}")))??;
     let wait = sh.settings.kill_grace + sh.settings.progress_interval * 3 + Duration::from_secs(1);
     let status = long_poll_terminal(sh, &id, wait).await.unwrap_or(status);
-    let code = if status.state.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let code = if status.state.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok(json_response(code, &with_links(&status)))
 }
 

@@ -36,7 +36,11 @@ use crate::spool::ids::EventId;
 /// Encodes one SSE event. `event` and `id` lose any CR, LF or NUL (they
 /// would end the field early); `data` is split into one `data:` line per line.
 pub fn encode(event: Option<&str>, id: Option<&str>, data: &str) -> String {
-    let clean = |s: &str| s.chars().filter(|c| !matches!(c, '\r' | '\n' | '\0')).collect::<String>();
+    let clean = |s: &str| {
+        s.chars()
+            .filter(|c| !matches!(c, '\r' | '\n' | '\0'))
+            .collect::<String>()
+    };
     let mut out = String::with_capacity(data.len() + 48);
     if let Some(event) = event {
         out.push_str("event: ");
@@ -48,7 +52,10 @@ pub fn encode(event: Option<&str>, id: Option<&str>, data: &str) -> String {
         out.push_str(&clean(id));
         out.push('\n');
     }
-    let data = data.replace("\r\n", "\n").replace('\r', "\n").replace('\0', "\u{fffd}");
+    let data = data
+        .replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .replace('\0', "\u{fffd}");
     for line in data.split('\n') {
         out.push_str("data: ");
         out.push_str(line);
@@ -75,7 +82,12 @@ impl Drop for Stream {
     }
 }
 
-pub fn respond(sh: &Arc<Shared>, id: &EventId, last_event_id: Option<u64>, shutdown: CancellationToken) -> Result<Response<Body>, Problem> {
+pub fn respond(
+    sh: &Arc<Shared>,
+    id: &EventId,
+    last_event_id: Option<u64>,
+    shutdown: CancellationToken,
+) -> Result<Response<Body>, Problem> {
     let spool = Arc::clone(&sh.spool);
     let load_id = id.clone();
     let sub = sh
@@ -104,12 +116,21 @@ pub fn respond(sh: &Arc<Shared>, id: &EventId, last_event_id: Option<u64>, shutd
     };
     let frames = stream::unfold(state, |mut st| async move {
         let bytes = next_frame(&mut st).await?;
-        Some((Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(bytes))), st))
+        Some((
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(bytes))),
+            st,
+        ))
     });
     let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     Ok(resp)
 }
@@ -127,11 +148,19 @@ async fn next_frame(st: &mut Stream) -> Option<String> {
         let seq = status.seq.to_string();
         if st.sent.is_none_or(|n| status.seq > n) {
             st.sent = Some(status.seq);
-            return Some(encode(Some("status"), Some(&seq), &String::from_utf8_lossy(&status.to_json())));
+            return Some(encode(
+                Some("status"),
+                Some(&seq),
+                &String::from_utf8_lossy(&status.to_json()),
+            ));
         }
         if status.state.is_terminal() {
             st.done = true;
-            return Some(encode(Some("end"), Some(&seq), &String::from_utf8_lossy(&status.to_json())));
+            return Some(encode(
+                Some("end"),
+                Some(&seq),
+                &String::from_utf8_lossy(&status.to_json()),
+            ));
         }
         tokio::select! {
             changed = st.sub.rx.changed() => {
@@ -154,8 +183,15 @@ mod tests {
 
     #[test]
     fn fields_cannot_be_injected() {
-        let out = encode(Some("status\r\nevent: evil"), Some("7\nid: 9\0"), "a\r\nb\rc\nd");
-        assert_eq!(out, "event: statusevent: evil\nid: 7id: 9\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
+        let out = encode(
+            Some("status\r\nevent: evil"),
+            Some("7\nid: 9\0"),
+            "a\r\nb\rc\nd",
+        );
+        assert_eq!(
+            out,
+            "event: statusevent: evil\nid: 7id: 9\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
     }
 
     #[test]

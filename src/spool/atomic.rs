@@ -67,7 +67,10 @@ impl AtomicWriter {
     /// Writes `bytes` to a new staging file and returns its path.
     pub fn stage(&self, bytes: &[u8], suffix: &str, durability: Durability) -> io::Result<PathBuf> {
         let path = self.staging_path(suffix);
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         let written = file.write_all(bytes).and_then(|()| {
             if self.syncs(durability) {
                 file.sync_data()
@@ -93,7 +96,12 @@ impl AtomicWriter {
     }
 
     /// Creates `dest` with `bytes` unless it exists. Returns false when it did.
-    pub fn create_new(&self, dest: &Path, bytes: &[u8], durability: Durability) -> io::Result<bool> {
+    pub fn create_new(
+        &self,
+        dest: &Path,
+        bytes: &[u8],
+        durability: Durability,
+    ) -> io::Result<bool> {
         let staged = self.stage(bytes, "", durability)?;
         let created = publish_staged(&staged, dest);
         let _ = fs::remove_file(&staged);
@@ -146,7 +154,9 @@ pub fn rename_checked(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 fn same_inode(path: &Path, ino: u64) -> bool {
-    fs::symlink_metadata(path).map(|m| m.ino() == ino).unwrap_or(false)
+    fs::symlink_metadata(path)
+        .map(|m| m.ino() == ino)
+        .unwrap_or(false)
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

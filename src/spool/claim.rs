@@ -32,7 +32,11 @@ impl Spool {
         match rename_checked(&from, &to) {
             Ok(()) => Ok(true),
             Err(e) if is_gone(&e) => Ok(false),
-            Err(e) => Err(SpoolError::Io { op: "claim", path: from, source: e }),
+            Err(e) => Err(SpoolError::Io {
+                op: "claim",
+                path: from,
+                source: e,
+            }),
         }
     }
 
@@ -47,7 +51,11 @@ impl Spool {
         match fs::read(path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if is_gone(&e) => Ok(None),
-            Err(e) => Err(SpoolError::Io { op: "read", path: path.to_owned(), source: e }),
+            Err(e) => Err(SpoolError::Io {
+                op: "read",
+                path: path.to_owned(),
+                source: e,
+            }),
         }
     }
 
@@ -68,7 +76,11 @@ impl Spool {
         match touch(&path) {
             Ok(()) => Ok(true),
             Err(e) if is_gone(&e) => Ok(false),
-            Err(e) => Err(SpoolError::Io { op: "refresh the lease on", path, source: e }),
+            Err(e) => Err(SpoolError::Io {
+                op: "refresh the lease on",
+                path,
+                source: e,
+            }),
         }
     }
 
@@ -79,7 +91,9 @@ impl Spool {
         let bytes = serde_json::to_vec(entry).expect("serializable");
         // link() semantics: if an entry is already queued for this ID (a crash
         // between these two steps last time), keep it.
-        self.writer().create_new(&dest, &bytes, Durability::Durable).at("requeue", &dest)?;
+        self.writer()
+            .create_new(&dest, &bytes, Durability::Durable)
+            .at("requeue", &dest)?;
         self.release(id)
     }
 
@@ -89,7 +103,11 @@ impl Spool {
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(SpoolError::Io { op: "release", path, source: e }),
+            Err(e) => Err(SpoolError::Io {
+                op: "release",
+                path,
+                source: e,
+            }),
         }
     }
 
@@ -97,14 +115,18 @@ impl Spool {
     pub fn dead_letter(&self, id: &EventId, letter: &DeadLetter) -> Result<()> {
         let path = self.dead_path(id);
         let bytes = serde_json::to_vec_pretty(letter).expect("serializable");
-        self.writer().replace(&path, &bytes, Durability::Durable).at("write", &path)?;
+        self.writer()
+            .replace(&path, &bytes, Durability::Durable)
+            .at("write", &path)?;
         self.release(id)
     }
 
     /// The shared filesystem's idea of "now": the mtime of a file just
     /// touched there. Leases are judged by this clock, never the local one.
     pub fn fs_now(&self) -> Result<SystemTime> {
-        let path = self.dir("tmp").join(format!("{}clock", self.writer().prefix()));
+        let path = self
+            .dir("tmp")
+            .join(format!("{}clock", self.writer().prefix()));
         let stamp = || -> io::Result<SystemTime> {
             fs::write(&path, b"")?;
             let t = fs::metadata(&path)?.modified();

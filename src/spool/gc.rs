@@ -28,12 +28,23 @@ pub struct Swept {
 impl Spool {
     pub fn sweep(&self, retention: Duration, max_deletes: usize) -> Result<Swept> {
         let cutoff = SystemTime::now() - retention;
-        let mut swept = Swept { keys_deleted: self.sweep_keys(cutoff, max_deletes)?, ..Swept::default() };
-        let cutoff_ms = cutoff.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let mut swept = Swept {
+            keys_deleted: self.sweep_keys(cutoff, max_deletes)?,
+            ..Swept::default()
+        };
+        let cutoff_ms = cutoff
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let events = self.dir("events");
         let mut old: Vec<EventId> = fs::read_dir(&events)
             .at("list", &events)?
-            .filter_map(|e| e.ok()?.file_name().to_str().and_then(|n| EventId::parse(n).ok()))
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| EventId::parse(n).ok())
+            })
             .filter(|id| id.timestamp_ms() < cutoff_ms)
             .collect();
         old.sort();
@@ -43,7 +54,9 @@ impl Spool {
                 break;
             }
             let finished_before_cutoff = match self.read_status(&id) {
-                Ok(Some(s)) => s.state.is_terminal() && s.finished_at.is_some_and(|t| t.system_time() < cutoff),
+                Ok(Some(s)) => {
+                    s.state.is_terminal() && s.finished_at.is_some_and(|t| t.system_time() < cutoff)
+                }
                 _ => false,
             };
             if finished_before_cutoff {
@@ -73,7 +86,10 @@ impl Spool {
                 break;
             }
             let Ok(entry) = entry else { continue };
-            let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff);
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < cutoff);
             if old && fs::remove_file(entry.path()).is_ok() {
                 deleted += 1;
             }

@@ -69,10 +69,9 @@ impl EventId {
 
     /// Milliseconds since the Unix epoch at which the ID was made.
     pub fn timestamp_ms(&self) -> u64 {
-        let value = self
-            .0
-            .bytes()
-            .fold(0u128, |acc, b| (acc << 5) | u128::from(decode_char(b).unwrap_or(0)));
+        let value = self.0.bytes().fold(0u128, |acc, b| {
+            (acc << 5) | u128::from(decode_char(b).unwrap_or(0))
+        });
         (value >> 80) as u64
     }
 }
@@ -167,7 +166,10 @@ mod tests {
 
     #[test]
     fn id_timestamp_is_close_to_now() {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         let ts = EventId::generate().timestamp_ms();
         assert!(ts.abs_diff(now) < 5_000);
     }
@@ -187,7 +189,9 @@ mod tests {
             assert!(EventId::parse(bad).is_err(), "{bad:?} must be rejected");
         }
         assert_eq!(
-            EventId::parse("01jd8x3q7m2n4p5r6s7t8v9w0x").unwrap().as_str(),
+            EventId::parse("01jd8x3q7m2n4p5r6s7t8v9w0x")
+                .unwrap()
+                .as_str(),
             "01JD8X3Q7M2N4P5R6S7T8V9W0X"
         );
     }
@@ -197,7 +201,18 @@ mod tests {
         for good in ["report", "a", "jq", "x.y_z-1", &"a".repeat(64)] {
             assert!(HandlerType::parse(good).is_ok(), "{good:?}");
         }
-        for bad in ["", ".", "..", ".hidden", "-x", "Report", "a/b", "a b", &"a".repeat(65), "ä"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-x",
+            "Report",
+            "a/b",
+            "a b",
+            &"a".repeat(65),
+            "ä",
+        ] {
             assert!(HandlerType::parse(bad).is_err(), "{bad:?}");
         }
     }

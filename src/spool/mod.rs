@@ -29,8 +29,8 @@ pub mod atomic;
 pub mod claim;
 pub mod gc;
 pub mod ids;
-pub mod recover;
 pub mod records;
+pub mod recover;
 pub mod submit;
 
 use std::fs;
@@ -82,7 +82,11 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn at(self, op: &'static str, path: &Path) -> Result<T> {
-        self.map_err(|source| SpoolError::Io { op, path: path.to_owned(), source })
+        self.map_err(|source| SpoolError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 
@@ -112,7 +116,11 @@ impl Spool {
         let own = root.join("running").join(host);
         fs::create_dir_all(&own).at("create", &own)?;
         let writer = AtomicWriter::new(root.join("tmp"), host, fsync);
-        Ok(Spool { root, host: host.to_owned(), writer })
+        Ok(Spool {
+            root,
+            host: host.to_owned(),
+            writer,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -159,7 +167,10 @@ impl Spool {
         };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| SpoolError::Damaged { path, detail: e.to_string() })
+            .map_err(|e| SpoolError::Damaged {
+                path,
+                detail: e.to_string(),
+            })
     }
 
     /// The current status: `status.json`, or the initial one derived from
@@ -167,9 +178,14 @@ impl Spool {
     pub fn read_status(&self, id: &EventId) -> Result<Option<Status>> {
         let path = self.event_dir(id).join("status.json");
         match read_if_exists(&path)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| SpoolError::Damaged { path, detail: e.to_string() }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| SpoolError::Damaged {
+                        path,
+                        detail: e.to_string(),
+                    })
+            }
             None => Ok(self.read_envelope(id)?.map(|env| Status::initial(&env))),
         }
     }
@@ -181,13 +197,23 @@ impl Spool {
             detail: e.to_string(),
         })?;
         let path = self.event_dir(&id).join("status.json");
-        self.writer.replace(&path, &status.to_json(), durability).at("write", &path)
+        self.writer
+            .replace(&path, &status.to_json(), durability)
+            .at("write", &path)
     }
 
     /// Writes a file into the event's directory, atomically.
-    pub fn write_event_file(&self, id: &EventId, name: &str, bytes: &[u8], durability: Durability) -> Result<()> {
+    pub fn write_event_file(
+        &self,
+        id: &EventId,
+        name: &str,
+        bytes: &[u8],
+        durability: Durability,
+    ) -> Result<()> {
         let path = self.event_dir(id).join(name);
-        self.writer.replace(&path, bytes, durability).at("write", &path)
+        self.writer
+            .replace(&path, bytes, durability)
+            .at("write", &path)
     }
 }
 
@@ -195,13 +221,20 @@ fn check_format(root: &Path) -> Result<()> {
     let path = root.join("FORMAT");
     match fs::read_to_string(&path) {
         Ok(found) if found.trim() == FORMAT => Ok(()),
-        Ok(found) => Err(SpoolError::Format { path, found: found.trim().chars().take(60).collect() }),
+        Ok(found) => Err(SpoolError::Format {
+            path,
+            found: found.trim().chars().take(60).collect(),
+        }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let tmp = root.join(format!("FORMAT.{}.tmp", std::process::id()));
             fs::write(&tmp, format!("{FORMAT}\n")).at("write", &tmp)?;
             fs::rename(&tmp, &path).at("write", &path)
         }
-        Err(e) => Err(SpoolError::Io { op: "read", path, source: e }),
+        Err(e) => Err(SpoolError::Io {
+            op: "read",
+            path,
+            source: e,
+        }),
     }
 }
 
@@ -210,7 +243,11 @@ pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
     match fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if is_gone(&e) => Ok(None),
-        Err(e) => Err(SpoolError::Io { op: "read", path: path.to_owned(), source: e }),
+        Err(e) => Err(SpoolError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source: e,
+        }),
     }
 }
 
@@ -223,7 +260,9 @@ pub fn is_network_fs(path: &Path) -> bool {
     const CIFS: i64 = 0xff53_4d42;
     const SMB2: i64 = 0xfe53_4d42;
     const CEPH: i64 = 0x00c3_6400;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into a zeroed struct we own; c is NUL-terminated.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {

@@ -33,7 +33,10 @@ impl Timestamp {
     }
 
     pub fn unix_ms(self) -> u64 {
-        self.0.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        self.0
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 
     pub fn system_time(self) -> SystemTime {
@@ -203,7 +206,10 @@ pub struct QueueEntry {
 
 impl QueueEntry {
     pub fn now(kind: &HandlerType) -> QueueEntry {
-        QueueEntry { kind: kind.as_str().to_owned(), not_before_ms: None }
+        QueueEntry {
+            kind: kind.as_str().to_owned(),
+            not_before_ms: None,
+        }
     }
 
     pub fn is_due(&self, now_ms: u64) -> bool {

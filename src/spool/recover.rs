@@ -72,7 +72,10 @@ impl Spool {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             if name.starts_with(&own) {
-                if let Some(id) = name.split_once(JOURNAL_MARK).and_then(|(_, id)| EventId::parse(id).ok()) {
+                if let Some(id) = name
+                    .split_once(JOURNAL_MARK)
+                    .and_then(|(_, id)| EventId::parse(id).ok())
+                {
                     if self.journal_unpublished(&path, &id) {
                         self.publish_journal(&path, &id)?;
                         tracing::info!(%id, "published an event whose submit was cut short by a crash");
@@ -91,7 +94,9 @@ impl Spool {
     /// A staged entry was never linked when its inode has one name, and the
     /// event it stands for exists but was never touched by a dispatcher.
     fn journal_unpublished(&self, journal: &Path, id: &EventId) -> bool {
-        let single = fs::metadata(journal).map(|m| m.nlink() == 1).unwrap_or(false);
+        let single = fs::metadata(journal)
+            .map(|m| m.nlink() == 1)
+            .unwrap_or(false);
         let dir = self.event_dir(id);
         single && dir.join("event.json").exists() && !dir.join("status.json").exists()
     }
@@ -103,7 +108,9 @@ impl Spool {
         }
         for id in ids {
             let path = self.running_path(&id);
-            let record: Option<ClaimRecord> = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let record: Option<ClaimRecord> = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(mark) = record.as_ref().and_then(|r| r.process) {
                 if kill_leftover_group(mark) {
                     tracing::warn!(%id, pid = mark.pid, "killed a handler left running by the previous spoold");
@@ -115,7 +122,12 @@ impl Spool {
         Ok(())
     }
 
-    fn recover_claim(&self, id: &EventId, entry: Option<QueueEntry>, done: &mut Recovered) -> Result<()> {
+    fn recover_claim(
+        &self,
+        id: &EventId,
+        entry: Option<QueueEntry>,
+        done: &mut Recovered,
+    ) -> Result<()> {
         let status = match self.read_status(id) {
             Ok(s) => s,
             Err(e) => {
@@ -138,10 +150,23 @@ impl Spool {
             Some(s) => {
                 let mut next = s.next();
                 next.state = State::Queued;
-                next.message = Some(format!("requeued: spoold on host {} restarted during attempt {}", self.host(), s.attempt));
+                next.message = Some(format!(
+                    "requeued: spoold on host {} restarted during attempt {}",
+                    self.host(),
+                    s.attempt
+                ));
                 self.write_status(&next, Durability::Durable)?;
-                let entry = entry.unwrap_or(QueueEntry { kind: s.kind.clone(), not_before_ms: None });
-                self.requeue(id, &QueueEntry { not_before_ms: None, ..entry })?;
+                let entry = entry.unwrap_or(QueueEntry {
+                    kind: s.kind.clone(),
+                    not_before_ms: None,
+                });
+                self.requeue(
+                    id,
+                    &QueueEntry {
+                        not_before_ms: None,
+                        ..entry
+                    },
+                )?;
                 tracing::info!(%id, attempt = s.attempt, "requeued an event this host was running when it stopped");
                 done.requeued += 1;
             }

@@ -89,15 +89,28 @@ impl Spool {
     /// `Ok(Ok(id))`: go on and create (or finish creating) event `id`.
     fn reserve_key(&self, key: &str, fingerprint: &str) -> Result<Result<EventId, Submitted>> {
         let path = self.dir("idem").join(hex(&Sha256::digest(key.as_bytes())));
-        let fresh = IdemRecord { id: EventId::generate().to_string(), fingerprint: fingerprint.to_owned() };
+        let fresh = IdemRecord {
+            id: EventId::generate().to_string(),
+            fingerprint: fingerprint.to_owned(),
+        };
         let bytes = serde_json::to_vec(&fresh).expect("serializable");
-        let record = if self.writer().create_new(&path, &bytes, Durability::Durable).at("write", &path)? {
+        let record = if self
+            .writer()
+            .create_new(&path, &bytes, Durability::Durable)
+            .at("write", &path)?
+        {
             fresh
         } else {
             let bytes = read_if_exists(&path)?.unwrap_or_default();
-            serde_json::from_slice(&bytes).map_err(|e| SpoolError::Damaged { path: path.clone(), detail: e.to_string() })?
+            serde_json::from_slice(&bytes).map_err(|e| SpoolError::Damaged {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?
         };
-        let id = EventId::parse(&record.id).map_err(|e| SpoolError::Damaged { path, detail: e.to_string() })?;
+        let id = EventId::parse(&record.id).map_err(|e| SpoolError::Damaged {
+            path,
+            detail: e.to_string(),
+        })?;
         if record.fingerprint != fingerprint {
             return Ok(Err(Submitted::KeyConflict { existing: id }));
         }
@@ -125,7 +138,11 @@ impl Spool {
         let w = self.writer();
         let entry_bytes = serde_json::to_vec(entry).expect("serializable");
         let journal = w
-            .stage(&entry_bytes, &format!("{JOURNAL_MARK}{id}"), Durability::Durable)
+            .stage(
+                &entry_bytes,
+                &format!("{JOURNAL_MARK}{id}"),
+                Durability::Durable,
+            )
             .at("stage a queue entry in", &self.dir("tmp"))?;
         let result = self.place_event_dir(id, env).and_then(|placed| {
             if placed {
@@ -153,18 +170,25 @@ impl Spool {
         let staged = write().at("stage the event directory", &staging);
         let placed = staged.and_then(|()| match fs::rename(&staging, self.event_dir(id)) {
             Ok(()) => Ok(true),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => Ok(false),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => {
+                Ok(false)
+            }
             Err(e) if self.event_dir(id).join("event.json").exists() && !staging.exists() => {
                 tracing::debug!(%id, error = %e, "rename reported an error but took effect");
                 Ok(true)
             }
-            Err(e) => Err(SpoolError::Io { op: "create", path: self.event_dir(id), source: e }),
+            Err(e) => Err(SpoolError::Io {
+                op: "create",
+                path: self.event_dir(id),
+                source: e,
+            }),
         });
         if !matches!(placed, Ok(true)) {
             let _ = fs::remove_dir_all(&staging);
         }
         if matches!(placed, Ok(true)) {
-            w.sync_parent(&self.event_dir(id), Durability::Durable).at("sync", &self.dir("events"))?;
+            w.sync_parent(&self.event_dir(id), Durability::Durable)
+                .at("sync", &self.dir("events"))?;
         }
         placed
     }
@@ -173,7 +197,9 @@ impl Spool {
     pub(crate) fn publish_journal(&self, journal: &std::path::Path, id: &EventId) -> Result<()> {
         let dest = self.queue_path(id);
         publish_staged(journal, &dest).at("publish", &dest)?;
-        self.writer().sync_parent(&dest, Durability::Durable).at("sync", &self.dir("queue"))
+        self.writer()
+            .sync_parent(&dest, Durability::Durable)
+            .at("sync", &self.dir("queue"))
     }
 }
 

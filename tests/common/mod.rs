@@ -1,0 +1,639 @@
+//! Shared helpers for the integration tests: start the real `spoold` binary on
+//! 127.0.0.1:0 with a temporary spool and fixture handlers, talk real HTTP to
+//! it over plain TCP (so framing is visible byte for byte), read real SSE, and
+//! wait for conditions with deadlines instead of sleeping.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_spoold");
+
+/// Settings that make tests fast; any of them can be overridden per test.
+pub const FAST_CONFIG: &str = r#"
+backoff_base = "50ms"
+backoff_max = "200ms"
+rescan_interval = "200ms"
+progress_interval = "20ms"
+kill_grace = "500ms"
+lease_ttl = "3s"
+sse_heartbeat = "15s"
+sse_retry = "500ms"
+shutdown_grace = "2s"
+page_refresh = "1s"
+page_max_checks = 5
+"#;
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub spool: PathBuf,
+    pub handlers: PathBuf,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    extra_config: String,
+    extra_args: Vec<String>,
+    restarts: usize,
+}
+
+pub struct ServerBuilder {
+    handlers: Vec<(String, String)>,
+    tomls: Vec<(String, String)>,
+    symlinks: Vec<(String, PathBuf)>,
+    config: String,
+    args: Vec<String>,
+}
+
+/// A new server with no handlers yet.
+pub fn server() -> ServerBuilder {
+    ServerBuilder {
+        handlers: Vec::new(),
+        tomls: Vec::new(),
+        symlinks: Vec::new(),
+        config: String::new(),
+        args: Vec::new(),
+    }
+}
+
+impl ServerBuilder {
+    /// Adds `handlers/<name>` with this script text (give it a #! line).
+    pub fn handler(mut self, name: &str, script: &str) -> Self {
+        self.handlers.push((name.into(), script.into()));
+        self
+    }
+
+    /// Adds `handlers/<name>.toml`.
+    pub fn handler_toml(mut self, name: &str, toml: &str) -> Self {
+        self.tomls.push((name.into(), toml.into()));
+        self
+    }
+
+    pub fn symlink(mut self, name: &str, target: &Path) -> Self {
+        self.symlinks.push((name.into(), target.into()));
+        self
+    }
+
+    /// Extra lines for the config file (override FAST_CONFIG keys freely).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config.push_str(toml);
+        self.config.push('\n');
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn start(self) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool");
+        let handlers = dir.path().join("handlers");
+        fs::create_dir_all(&handlers).unwrap();
+        for (name, script) in &self.handlers {
+            write_executable(&handlers.join(name), script);
+        }
+        for (name, toml) in &self.tomls {
+            fs::write(handlers.join(format!("{name}.toml")), toml).unwrap();
+        }
+        for (name, target) in &self.symlinks {
+            std::os::unix::fs::symlink(target, handlers.join(name)).unwrap();
+        }
+        let mut s = Server {
+            dir,
+            spool,
+            handlers,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child: None,
+            extra_config: self.config,
+            extra_args: self.args,
+            restarts: 0,
+        };
+        s.launch();
+        s
+    }
+}
+
+pub fn write_executable(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+impl Server {
+    fn launch(&mut self) {
+        // Keep the same config (and port, after the first start) across restarts.
+        let config = self.dir.path().join("spoold.toml");
+        let mut text = String::from(FAST_CONFIG);
+        // Later keys must not repeat earlier ones in TOML: drop overridden defaults.
+        let overridden: Vec<&str> = self
+            .extra_config
+            .lines()
+            .filter_map(|l| l.split('=').next())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .collect();
+        text = text
+            .lines()
+            .filter(|l| !overridden.contains(&l.split('=').next().unwrap_or("").trim()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        text.push('\n');
+        text.push_str(&self.extra_config);
+        fs::write(&config, text).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--spool")
+            .arg(&self.spool)
+            .arg("--handlers")
+            .arg(&self.handlers)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--config")
+            .arg(&config)
+            .arg("--host-id")
+            .arg("testhost")
+            .args(&self.extra_args)
+            .env("RUST_LOG", "spoold=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start spoold");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("spoold listening on http://") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("spoold did not start; its log:\n{}", self.log());
+            }
+        };
+        self.addr = addr.parse().unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("spoold.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// kill -9, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "spoold did not stop within 20 s after SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts spoold again on the same spool and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.restarts += 1;
+        self.launch();
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        request(self.addr, "GET", path, &[], b"")
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Resp {
+        request(
+            self.addr,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        )
+    }
+
+    pub fn delete(&self, path: &str) -> Resp {
+        request(self.addr, "DELETE", path, &[], b"")
+    }
+
+    /// Submits and returns the new event's ID (asserting 202).
+    pub fn submit(&self, kind: &str, body: &str) -> String {
+        let r = self.post(&format!("/events/{kind}"), body);
+        assert_eq!(r.status, 202, "submit {kind} {body}: {}", r.text());
+        r.json()["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The status JSON of an event (asserting 200).
+    pub fn status(&self, id: &str) -> Value {
+        let r = self.get(&format!("/events/{id}"));
+        assert_eq!(r.status, 200, "status of {id}: {}", r.text());
+        r.json()
+    }
+
+    /// Long-polls until the event is final; panics after `within`.
+    pub fn wait_final(&self, id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.get(&format!("/events/{id}?wait=2"));
+            if r.status == 200 {
+                let v = r.json();
+                let state = v["state"].as_str().unwrap_or("");
+                if !matches!(state, "queued" | "running") {
+                    return v;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "event {id} not final within {within:?}: {}\nlog:\n{}",
+                    r.text(),
+                    self.log()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- spoold log ({}) ----\n{}",
+                self.log_path().display(),
+                tail(&self.log(), 12_000)
+            );
+        }
+        self.kill9();
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let mut i = start;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// A complete HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (Connection: close).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    let mut bytes = raw.into_bytes();
+    bytes.extend_from_slice(body);
+    raw_request(addr, &bytes)
+}
+
+/// Sends raw bytes, reads until the server closes, parses one response.
+pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out)
+        .unwrap_or_else(|| panic!("unparsable response: {:?}", String::from_utf8_lossy(&out)))
+}
+
+pub fn parse_response(raw: &[u8]) -> Option<Resp> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut headers = BTreeMap::new();
+    for l in lines {
+        let (k, v) = l.split_once(':')?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let rest = &raw[end + 4..];
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Some(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&raw[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&raw[start..(start + size).min(raw.len())]);
+        raw = &raw[(start + size + 2).min(raw.len())..];
+    }
+    out
+}
+
+/// One SSE event as a browser's EventSource would assemble it.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+    pub comment: bool,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("SSE data not JSON ({e}): {}", self.data))
+    }
+}
+
+/// A live SSE connection.
+pub struct Sse {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    /// Every byte of the body received so far (de-chunked).
+    pub raw: String,
+    reader: BufReader<TcpStream>,
+    chunked: bool,
+    pending: String,
+    pub closed: bool,
+}
+
+/// Opens `GET path` with `Accept: text/event-stream` and reads the head.
+pub fn sse(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"));
+    Sse {
+        status,
+        headers,
+        raw: String::new(),
+        reader,
+        chunked,
+        pending: String::new(),
+        closed: false,
+    }
+}
+
+impl Sse {
+    /// Reads more body bytes; false at end of stream.
+    fn fill(&mut self, deadline: Instant) -> bool {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
+        let text = if self.chunked {
+            let mut size_line = String::new();
+            match self.reader.read_line(&mut size_line) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(_) => return Instant::now() < deadline,
+            }
+            let size = usize::from_str_radix(size_line.trim(), 16).unwrap_or(0);
+            if size == 0 {
+                return false;
+            }
+            let mut buf = vec![0u8; size + 2];
+            if self.reader.read_exact(&mut buf).is_err() {
+                return false;
+            }
+            buf.truncate(size);
+            String::from_utf8(buf).expect("SSE must be UTF-8")
+        } else {
+            let mut buf = [0u8; 4096];
+            match self.reader.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => String::from_utf8(buf[..n].to_vec()).expect("SSE must be UTF-8"),
+                Err(_) => return Instant::now() < deadline,
+            }
+        };
+        self.raw.push_str(&text);
+        self.pending.push_str(&text);
+        true
+    }
+
+    /// The next event (or comment block), or None when the stream ended or
+    /// `within` passed.
+    pub fn next(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(pos) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..pos + 2).collect();
+                return Some(parse_block(&block));
+            }
+            if self.closed || Instant::now() >= deadline {
+                return None;
+            }
+            if !self.fill(deadline) {
+                self.closed = true;
+            }
+        }
+    }
+
+    /// Reads events until one named `name` arrives; returns all read.
+    pub fn until(&mut self, name: &str, within: Duration) -> Vec<SseEvent> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Some(ev) = self.next(deadline.saturating_duration_since(Instant::now())) {
+            let done = ev.event.as_deref() == Some(name);
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+        panic!(
+            "no `{name}` event within {within:?}; got {seen:?}\nraw:\n{}",
+            self.raw
+        );
+    }
+
+    /// True when the server closes the stream within `within`.
+    pub fn ends_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self
+                .next(deadline.saturating_duration_since(Instant::now()))
+                .is_none()
+                && self.closed
+            {
+                return true;
+            }
+        }
+        self.closed
+    }
+}
+
+fn parse_block(block: &str) -> SseEvent {
+    let mut ev = SseEvent::default();
+    let mut data: Vec<&str> = Vec::new();
+    let mut only_comments = true;
+    for line in block.split('\n').filter(|l| !l.is_empty()) {
+        if line.starts_with(':') {
+            continue;
+        }
+        only_comments = false;
+        let (k, v) = line.split_once(':').unwrap_or((line, ""));
+        let v = v.strip_prefix(' ').unwrap_or(v);
+        match k {
+            "event" => ev.event = Some(v.into()),
+            "id" => ev.id = Some(v.into()),
+            "data" => data.push(v),
+            "retry" => ev.retry = v.parse().ok(),
+            _ => {}
+        }
+    }
+    ev.data = data.join("\n");
+    ev.comment = only_comments;
+    ev
+}
+
+/// Polls `cond` until it holds; panics with `what` after `within`.
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Every file name directly in `dir`.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
