@@ -23,6 +23,9 @@ fn text(b: &[u8]) -> String {
 const PROGRESS_HANDLER: &str = r#"#!/bin/sh
 cat > /dev/null
 spoold report --progress 50 --message "half way"
+# Work between reports: statuses are conflated, so two reports within one
+# progress_interval may show only the second.
+sleep 0.3
 spoold report --message "almost"
 echo '{"answer": 42}'
 "#;

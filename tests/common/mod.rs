@@ -362,18 +362,68 @@ pub fn request(
     raw_request(addr, &bytes)
 }
 
-/// Sends raw bytes, reads until the server closes, parses one response.
+/// Sends raw bytes and reads one response: by Content-Length, chunked
+/// framing, or until the server closes when it sends neither.
 pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(bytes).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    parse_response(&out)
-        .unwrap_or_else(|| panic!("unparsable response: {:?}", String::from_utf8_lossy(&out)))
+    let mut reader = BufReader::new(s);
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        head.extend_from_slice(&line);
+    }
+    let mut resp = parse_head(&head).unwrap_or_else(|| {
+        panic!(
+            "unparsable response head: {:?}",
+            String::from_utf8_lossy(&head)
+        )
+    });
+    let chunked = resp
+        .header("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"));
+    let length = resp
+        .header("content-length")
+        .and_then(|l| l.parse::<usize>().ok());
+    if resp.status == 204 || resp.status == 304 || bytes.starts_with(b"HEAD ") {
+        return resp;
+    }
+    if chunked {
+        while let Some(chunk) = read_chunk(&mut reader) {
+            resp.body.extend_from_slice(&chunk);
+        }
+    } else if let Some(n) = length {
+        resp.body.resize(n, 0);
+        reader
+            .read_exact(&mut resp.body)
+            .expect("body shorter than Content-Length");
+    } else {
+        let _ = reader.read_to_end(&mut resp.body);
+    }
+    resp
 }
 
-pub fn parse_response(raw: &[u8]) -> Option<Resp> {
+/// Reads one chunk of a chunked body; None at the last chunk or on EOF.
+fn read_chunk(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut size_line = String::new();
+    if reader.read_line(&mut size_line).ok()? == 0 {
+        return None;
+    }
+    let size = usize::from_str_radix(size_line.trim(), 16).ok()?;
+    let mut chunk = vec![0u8; size + 2];
+    if size == 0 || reader.read_exact(&mut chunk).is_err() {
+        return None;
+    }
+    chunk.truncate(size);
+    Some(chunk)
+}
+
+/// Parses a response head (status line and headers).
+pub fn parse_head(raw: &[u8]) -> Option<Resp> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..end]);
     let mut lines = head.split("\r\n");
@@ -383,38 +433,30 @@ pub fn parse_response(raw: &[u8]) -> Option<Resp> {
         let (k, v) = l.split_once(':')?;
         headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
     }
-    let rest = &raw[end + 4..];
-    let body = if headers
-        .get("transfer-encoding")
-        .is_some_and(|t| t.contains("chunked"))
-    {
-        dechunk(rest)
-    } else {
-        rest.to_vec()
-    };
     Some(Resp {
         status,
         headers,
-        body,
+        body: Vec::new(),
     })
 }
 
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
-        let size =
-            usize::from_str_radix(String::from_utf8_lossy(&raw[..eol]).trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
+/// Parses a whole response read to EOF: head, then the body (de-chunked).
+pub fn parse_response(raw: &[u8]) -> Option<Resp> {
+    let mut resp = parse_head(raw)?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let rest = &raw[end..];
+    if resp
+        .header("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
+        let mut cursor = std::io::Cursor::new(rest);
+        while let Some(chunk) = read_chunk(&mut cursor) {
+            resp.body.extend_from_slice(&chunk);
         }
-        let start = eol + 2;
-        out.extend_from_slice(&raw[start..(start + size).min(raw.len())]);
-        raw = &raw[(start + size + 2).min(raw.len())..];
+    } else {
+        resp.body = rest.to_vec();
     }
-    out
+    Some(resp)
 }
 
 /// One SSE event as a browser's EventSource would assemble it.
@@ -434,14 +476,15 @@ impl SseEvent {
     }
 }
 
-/// A live SSE connection.
+/// A live SSE connection. Its body is read by a thread into a channel, so a
+/// read with a deadline never loses bytes and a timeout is told apart from
+/// the end of the stream.
 pub struct Sse {
     pub status: u16,
     pub headers: BTreeMap<String, String>,
     /// Every byte of the body received so far (de-chunked).
     pub raw: String,
-    reader: BufReader<TcpStream>,
-    chunked: bool,
+    rx: mpsc::Receiver<String>,
     pending: String,
     pub closed: bool,
 }
@@ -457,78 +500,51 @@ pub fn sse(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
     s.write_all(req.as_bytes()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut reader = BufReader::new(s);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let status: u16 = line
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let mut headers = BTreeMap::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let l = line.trim_end();
-        if l.is_empty() {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
             break;
         }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
+        head.extend_from_slice(&line);
     }
-    let chunked = headers
-        .get("transfer-encoding")
+    let resp = parse_head(&head).expect("SSE response head");
+    let chunked = resp
+        .header("transfer-encoding")
         .is_some_and(|t| t.contains("chunked"));
+    let (tx, rx) = mpsc::channel();
+    // The reader thread blocks without a deadline; dropping the Sse closes the
+    // receiving end and the thread ends at the next chunk or at EOF.
+    reader.get_ref().set_read_timeout(None).unwrap();
+    std::thread::spawn(move || loop {
+        let piece = if chunked {
+            read_chunk(&mut reader)
+        } else {
+            let mut buf = [0u8; 4096];
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => None,
+                Ok(n) => Some(buf[..n].to_vec()),
+            }
+        };
+        let Some(bytes) = piece else { return };
+        let text = String::from_utf8(bytes).expect("SSE must be UTF-8");
+        if tx.send(text).is_err() {
+            return;
+        }
+    });
     Sse {
-        status,
-        headers,
+        status: resp.status,
+        headers: resp.headers,
         raw: String::new(),
-        reader,
-        chunked,
+        rx,
         pending: String::new(),
         closed: false,
     }
 }
 
 impl Sse {
-    /// Reads more body bytes; false at end of stream.
-    fn fill(&mut self, deadline: Instant) -> bool {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
-        let text = if self.chunked {
-            let mut size_line = String::new();
-            match self.reader.read_line(&mut size_line) {
-                Ok(0) => return false,
-                Ok(_) => {}
-                Err(_) => return Instant::now() < deadline,
-            }
-            let size = usize::from_str_radix(size_line.trim(), 16).unwrap_or(0);
-            if size == 0 {
-                return false;
-            }
-            let mut buf = vec![0u8; size + 2];
-            if self.reader.read_exact(&mut buf).is_err() {
-                return false;
-            }
-            buf.truncate(size);
-            String::from_utf8(buf).expect("SSE must be UTF-8")
-        } else {
-            let mut buf = [0u8; 4096];
-            match self.reader.read(&mut buf) {
-                Ok(0) => return false,
-                Ok(n) => String::from_utf8(buf[..n].to_vec()).expect("SSE must be UTF-8"),
-                Err(_) => return Instant::now() < deadline,
-            }
-        };
-        self.raw.push_str(&text);
-        self.pending.push_str(&text);
-        true
-    }
-
     /// The next event (or comment block), or None when the stream ended or
-    /// `within` passed.
+    /// `within` passed (then `closed` tells which).
     pub fn next(&mut self, within: Duration) -> Option<SseEvent> {
         let deadline = Instant::now() + within;
         loop {
@@ -536,11 +552,19 @@ impl Sse {
                 let block: String = self.pending.drain(..pos + 2).collect();
                 return Some(parse_block(&block));
             }
-            if self.closed || Instant::now() >= deadline {
+            if self.closed {
                 return None;
             }
-            if !self.fill(deadline) {
-                self.closed = true;
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(text) => {
+                    self.raw.push_str(&text);
+                    self.pending.push_str(&text);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => return None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.closed = true,
             }
         }
     }
@@ -562,17 +586,12 @@ impl Sse {
         );
     }
 
-    /// True when the server closes the stream within `within`.
+    /// True when the server ends the stream within `within` (events still
+    /// arriving meanwhile are read and dropped).
     pub fn ends_within(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self
-                .next(deadline.saturating_duration_since(Instant::now()))
-                .is_none()
-                && self.closed
-            {
-                return true;
-            }
+        while !self.closed && Instant::now() < deadline {
+            self.next(deadline.saturating_duration_since(Instant::now()));
         }
         self.closed
     }

@@ -1,0 +1,274 @@
+//! The demo page and the wait page in a real browser: headless Chromium
+//! driven over WebDriver (chromedriver), against the real server.
+//!
+//! Needs Debian's `chromium` and `chromium-driver`; `.ci/run` installs them.
+//! Without them the tests print why and pass, so `cargo test` still works on a
+//! machine without a browser; under CI (`CI` set, as `.ci/run` runs) or with
+//! SPOOLD_REQUIRE_BROWSER=1 a missing browser is a failure.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const DRIVER: &str = "/usr/bin/chromedriver";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Browser {
+    driver: Child,
+    addr: SocketAddr,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Option<Browser> {
+        if !Path::new(DRIVER).exists() {
+            assert!(
+                std::env::var_os("SPOOLD_REQUIRE_BROWSER").is_none(),
+                "{DRIVER} is missing: apt-get install chromium chromium-driver"
+            );
+            eprintln!("skipping: {DRIVER} is missing (apt-get install chromium chromium-driver)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new(DRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        common::wait_until(Duration::from_secs(20), "chromedriver ready", || {
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     format!("--user-data-dir={}", profile.path().display()), "--window-size=1000,900"]}}}});
+        let mut b = Browser {
+            driver,
+            addr,
+            session: String::new(),
+            _profile: profile,
+        };
+        let v = b.call("POST", "/session", &caps);
+        b.session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_owned();
+        Some(b)
+    }
+
+    fn call(&self, method: &str, path: &str, body: &Value) -> Value {
+        let path = if path == "/session" {
+            path.to_owned()
+        } else {
+            format!("/session/{}{path}", self.session)
+        };
+        let body = if method == "GET" {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let r = common::request(
+            self.addr,
+            method,
+            &path,
+            &[("content-type", "application/json")],
+            &body,
+        );
+        let v = r.json();
+        assert!(r.status < 300, "WebDriver {method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.call("POST", "/url", &json!({"url": url}));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            &json!({"using": "css selector", "value": css}),
+        );
+        v[ELEMENT].as_str().unwrap().to_owned()
+    }
+
+    fn text(&self, css: &str) -> String {
+        let el = self.find(css);
+        self.call("GET", &format!("/element/{el}/text"), &Value::Null)
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.call("POST", "/execute/sync", &json!({"script": js, "args": []}))
+    }
+
+    fn wait_text(&self, css: &str, want: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let t = self.text(css);
+            if t.contains(want) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} never showed {want:?}; it shows {t:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn screenshot(&self, to: &Path) {
+        use std::io::Write;
+        let b64 = self.call("GET", "/screenshot", &Value::Null);
+        let bytes = decode_base64(b64.as_str().unwrap());
+        std::fs::File::create(to)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = common::request(
+                self.addr,
+                "DELETE",
+                &format!("/session/{}", self.session),
+                &[],
+                b"",
+            );
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for chunk in clean.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &c)| {
+            acc | (u32::from(val(c)) << (18 - 6 * i))
+        });
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+const SLOW_STEPS: &str = r#"#!/bin/sh
+cat > /dev/null
+for i in 1 2 3; do
+  sleep 0.2
+  spoold report --progress $((i * 33)) --message "on iteration $i of 3"
+done
+echo '<?xml version="1.0"?><done/>'
+"#;
+
+#[test]
+fn demo_page_submits_and_shows_progress_and_log_over_sse() {
+    let Some(b) = Browser::start() else { return };
+    let srv = common::server()
+        .handler("steps", SLOW_STEPS)
+        .handler("other", "#!/bin/sh\necho hi\n")
+        .start();
+    b.goto(&format!("http://{}/", srv.addr));
+    common::wait_until(Duration::from_secs(10), "handler list loaded", || {
+        b.script("return document.querySelectorAll('#type option').length")
+            .as_u64()
+            == Some(2)
+    });
+    b.script("document.getElementById('type').value = 'steps';");
+    let start = b.find("#start");
+    b.call("POST", &format!("/element/{start}/click"), &json!({}));
+    let log = b.wait_text("#log", "finished: succeeded", Duration::from_secs(15));
+    for i in 1..=3 {
+        assert!(
+            log.contains(&format!("on iteration {i} of 3")),
+            "every message appears in the log: {log}"
+        );
+    }
+    assert_eq!(b.text("#state"), "succeeded");
+    assert_eq!(b.text("#percentage"), "100%");
+    assert_eq!(
+        b.script("return document.getElementById('progressor').value"),
+        json!(100)
+    );
+    assert!(b.text("#links").contains("result"));
+    if let Some(dir) = std::env::var_os("SPOOLD_SCREENSHOTS") {
+        b.screenshot(&Path::new(&dir).join("demo.png"));
+    }
+}
+
+#[test]
+fn demo_page_shows_a_submit_error() {
+    let Some(b) = Browser::start() else { return };
+    let srv = common::server().handler("steps", SLOW_STEPS).start();
+    b.goto(&format!("http://{}/", srv.addr));
+    common::wait_until(Duration::from_secs(10), "handler list loaded", || {
+        b.script("return document.querySelectorAll('#type option').length")
+            .as_u64()
+            == Some(1)
+    });
+    b.script("document.getElementById('payload').value = '{broken';");
+    let start = b.find("#start");
+    b.call("POST", &format!("/element/{start}/click"), &json!({}));
+    b.wait_text("#error", "not valid JSON", Duration::from_secs(10));
+}
+
+#[test]
+fn wait_page_refreshes_until_done_then_shows_the_result_escaped() {
+    let Some(b) = Browser::start() else { return };
+    let srv = common::server()
+        .handler("slowxml", "#!/bin/sh\nwhile [ ! -e \"$SPOOL_DIR/../go\" ]; do sleep 0.02; done\necho '<b>bold?</b><script>document.title=\"owned\"</script>'\n")
+        .handler_toml("slowxml", "content_type = \"text/html\"\n")
+        .config("page_refresh = \"1s\"")
+        .start();
+    let id = srv.submit("slowxml", "{}");
+    b.goto(&format!("http://{}/events/{id}", srv.addr));
+    b.wait_text(
+        "body",
+        "Waiting for the event to complete",
+        Duration::from_secs(5),
+    );
+    assert!(b.text("body").contains("Check 1 of 5"));
+    // The page reloads itself (Refresh header) and counts its checks.
+    b.wait_text("body", "Check 2 of 5", Duration::from_secs(5));
+    std::fs::write(srv.dir.path().join("go"), "").unwrap();
+    let body = b.wait_text("body", "Done.", Duration::from_secs(10));
+    assert!(
+        body.contains("<b>bold?</b><script>"),
+        "the result is shown as text, not markup: {body}"
+    );
+    let title = b.script("return document.title");
+    assert_ne!(title, json!("owned"), "the handler's script must not run");
+    if let Some(dir) = std::env::var_os("SPOOLD_SCREENSHOTS") {
+        b.screenshot(&Path::new(&dir).join("wait-page.png"));
+    }
+}
