@@ -50,8 +50,15 @@ impl Shared {
 /// Runs spoold until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
+    // Bind first: a second spoold on the same port stops here, before it
+    // touches the spool.
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
     let spool = Spool::open(&settings.spool_dir, &settings.host_id, settings.fsync)
         .with_context(|| format!("cannot open the spool at {}", settings.spool_dir.display()))?;
+    let _lock = spool.lock_host()?;
     let shared_fs = settings
         .shared
         .unwrap_or_else(|| crate::spool::is_network_fs(spool.root()));
@@ -70,11 +77,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         dispatch,
         shared_fs,
     });
-
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let addr: SocketAddr = listener.local_addr()?;
     let _watcher = match watch::start(&sh.spool.dir("queue"), sh.dispatch.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -94,6 +96,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         runs.clone(),
     ));
     tasks.spawn(gc_loop(Arc::clone(&sh), shutdown.clone()));
+    if shared_fs {
+        tasks.spawn(follow_other_hosts(Arc::clone(&sh), shutdown.clone()));
+    }
     let server = tasks.spawn(serve::run(Arc::clone(&sh), listener, shutdown.clone()));
     println!("spoold listening on http://{addr}");
     tracing::info!(%addr, "listening");
@@ -130,6 +135,41 @@ async fn gc_loop(sh: Arc<Shared>, shutdown: CancellationToken) {
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
             _ => {}
+        }
+    }
+}
+
+/// Shared mode: other hosts' status writes make no notification here, so the
+/// statuses someone follows on this host are re-read every
+/// `shared_rescan_interval` and handed to the hub when they moved on.
+async fn follow_other_hosts(sh: Arc<Shared>, shutdown: CancellationToken) {
+    let every = sh.settings.shared_rescan_interval;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let followed = sh.hub.followed();
+        if followed.is_empty() {
+            continue;
+        }
+        let sh2 = Arc::clone(&sh);
+        let fresh = tokio::task::spawn_blocking(move || {
+            followed
+                .into_iter()
+                .filter_map(|(id, seq)| {
+                    sh2.spool
+                        .read_status(&id)
+                        .ok()
+                        .flatten()
+                        .filter(|s| s.seq > seq)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for status in fresh {
+            sh.hub.publish(&status);
         }
     }
 }

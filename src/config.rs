@@ -355,15 +355,19 @@ impl Settings {
         if self.max_attempts == 0 {
             bail!("max_attempts must be at least 1");
         }
+        // No '.': staging files are named <host>.<pid>.<n>, and recovery must
+        // tell its own host's files from those of a host named "<host>.1".
         if self.host_id.is_empty()
             || self.host_id.len() > 64
             || !self
                 .host_id
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            || self.host_id.starts_with('.')
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
         {
-            bail!("host id {:?} must be 1 to 64 characters of letters, digits, '-', '_' or '.', not starting with '.'; set it with --host-id", self.host_id);
+            bail!(
+                "host id {:?} must be 1 to 64 characters of letters, digits, '-' or '_'; set it with --host-id",
+                self.host_id
+            );
         }
         if !self.listen.ip().is_loopback() && !self.insecure {
             bail!(
@@ -377,6 +381,8 @@ impl Settings {
             ("rescan_interval", self.rescan_interval),
             ("progress_interval", self.progress_interval),
             ("sse_heartbeat", self.sse_heartbeat),
+            ("shared_rescan_interval", self.shared_rescan_interval),
+            ("gc_interval", self.gc_interval),
         ] {
             if d.is_zero() {
                 bail!("{name} must be greater than zero");
@@ -402,9 +408,11 @@ fn hostname() -> String {
     } else {
         String::new()
     };
-    let clean: String = name
+    // The short name: "web1.example.com" is host "web1".
+    let short = name.split('.').next().unwrap_or("");
+    let clean: String = short
         .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
         .collect();
     if clean.is_empty() {
         "localhost".into()

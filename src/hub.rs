@@ -7,8 +7,9 @@
 //! value: a slow subscriber skips intermediate statuses and always gets the
 //! latest one; it never builds a backlog and never slows anyone else down.
 //!
-//! Known limit: changes made by another process or host are not published
-//! here; shared mode stat-polls followed events to pick those up.
+//! Changes written by another host are not published here by anyone; in
+//! shared mode `app` re-reads the followed events' statuses on an interval
+//! ([`Hub::followed`]) and publishes what moved on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -330,9 +330,9 @@ fn take_over_stale_claims(spool: &Spool, ttl: Duration) -> Vec<EventId> {
                 },
             };
             if fs_now.duration_since(mtime).unwrap_or_default() > ttl {
-                match crate::spool::atomic::publish_staged(&claim.path(), &spool.queue_path(&id)) {
-                    Ok(_) => {
-                        let _ = std::fs::remove_file(claim.path());
+                // rename, not link: when several hosts race, exactly one moves it.
+                match crate::spool::atomic::rename_checked(&claim.path(), &spool.queue_path(&id)) {
+                    Ok(()) => {
                         tracing::warn!(%id, host = ?host.file_name(), "took over a claim whose lease expired");
                         taken.push(id);
                     }

@@ -35,6 +35,9 @@ pub struct Running {
     pub stderr: JoinHandle<Vec<u8>>,
     /// Cancelled when stdout went past its cap.
     pub overflow: CancellationToken,
+    /// Cancel to make the output readers return what they have (a process
+    /// that left the group may keep the pipes open forever).
+    pub stop_reading: CancellationToken,
 }
 
 /// Standard output, or the news that it was too large.
@@ -62,16 +65,23 @@ pub fn spawn(launch: Launch<'_>) -> io::Result<Running> {
         let _ = stdin.write_all(&payload).await;
     });
     let overflow = CancellationToken::new();
+    let stop_reading = CancellationToken::new();
     let stdout = child.stdout.take().expect("stdout is piped");
-    let stdout = tokio::spawn(read_capped(stdout, launch.stdout_cap, overflow.clone()));
+    let stdout = tokio::spawn(read_capped(
+        stdout,
+        launch.stdout_cap,
+        overflow.clone(),
+        stop_reading.clone(),
+    ));
     let stderr = child.stderr.take().expect("stderr is piped");
-    let stderr = tokio::spawn(read_tail(stderr, launch.stderr_tail));
+    let stderr = tokio::spawn(read_tail(stderr, launch.stderr_tail, stop_reading.clone()));
     Ok(Running {
         child,
         pid,
         stdout,
         stderr,
         overflow,
+        stop_reading,
     })
 }
 
@@ -79,11 +89,16 @@ async fn read_capped(
     mut r: impl AsyncRead + Unpin,
     cap: u64,
     overflow: CancellationToken,
+    stop: CancellationToken,
 ) -> Captured {
     let mut bytes = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match r.read(&mut buf).await {
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n,
+            _ = stop.cancelled() => return Captured { bytes, overflowed: false },
+        };
+        match n {
             Ok(0) | Err(_) => {
                 return Captured {
                     bytes,
@@ -102,16 +117,22 @@ async fn read_capped(
     }
 }
 
-async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize) -> Vec<u8> {
+async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize, stop: CancellationToken) -> Vec<u8> {
     let mut tail = VecDeque::with_capacity(keep.min(64 * 1024));
     let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = r.read(&mut buf).await {
-        if n == 0 {
-            break;
+    loop {
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n,
+            _ = stop.cancelled() => break,
+        };
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend(&buf[..n]);
+                let excess = tail.len().saturating_sub(keep);
+                tail.drain(..excess);
+            }
         }
-        tail.extend(&buf[..n]);
-        let excess = tail.len().saturating_sub(keep);
-        tail.drain(..excess);
     }
     tail.into()
 }

@@ -116,7 +116,7 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
     spool.write_status(&st, Durability::Durable)?;
     sh.hub.publish(&st);
     tracing::info!(kind = %env.kind, attempt = st.attempt, "starting handler");
-    for stale in ["result", "progress.json"] {
+    for stale in ["result", "progress.json", "stderr"] {
         let _ = fs::remove_file(dir.join(stale));
     }
 
@@ -152,10 +152,26 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
         .running
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 
-    // The group is gone by now (or killed below); collect what it left.
+    // Whatever is left of the group goes now; then collect its output, giving
+    // up on pipes held open by a process that escaped the group.
     process::signal_group(running.pid, libc::SIGKILL);
-    let stdout = join_or_empty(running.stdout).await;
-    let stderr = join_or(running.stderr, Vec::new()).await;
+    let stop_reading = running.stop_reading.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop_reading.cancel();
+    });
+    let stdout = running.stdout.await.unwrap_or(Captured {
+        bytes: Vec::new(),
+        overflowed: false,
+    });
+    let stderr = running.stderr.await.unwrap_or_default();
+    running.stop_reading.cancel();
+    // Exiting (killed by SIGPIPE, say) may beat the overflow signal: stdout decides.
+    let ending = if stdout.overflowed {
+        Ending::Overflow
+    } else {
+        ending
+    };
     if let Some(p) = progress.poll() {
         apply_progress(&mut st, p);
     }
@@ -452,29 +468,6 @@ pub fn sniff(head: &[u8]) -> &'static str {
     }
 }
 
-async fn join_or_empty(h: tokio::task::JoinHandle<Captured>) -> Captured {
-    join_or(
-        h,
-        Captured {
-            bytes: Vec::new(),
-            overflowed: true,
-        },
-    )
-    .await
-}
-
-/// Waits briefly for an output reader: a process that left the group (setsid)
-/// may hold the pipe open forever.
-async fn join_or<T>(mut h: tokio::task::JoinHandle<T>, fallback: T) -> T {
-    match tokio::time::timeout(Duration::from_secs(2), &mut h).await {
-        Ok(Ok(v)) => v,
-        _ => {
-            h.abort();
-            fallback
-        }
-    }
-}
-
 /// Records the verdict: status first (fsync'd), then the claim is let go.
 fn finish(
     sh: &Shared,
@@ -589,6 +582,10 @@ pub fn cancel_queued(sh: &Shared, id: &EventId) -> Result<bool, SpoolError> {
         sh.spool.release(id)?;
         return Ok(false);
     };
+    if status.state.is_terminal() {
+        sh.spool.release(id)?;
+        return Ok(false);
+    }
     finish(
         sh,
         id,

@@ -82,7 +82,7 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
          <title>{title}</title><style>{CSS}</style></head><body><main><h1>{title}</h1>{body}\
-         <p class=\"small\">Event <code>{id}</code> · <a href=\"/events/{id}/stream\">stream</a> · <a href=\"/events/{id}\" type=\"application/json\">status</a></p></main></body></html>"
+         <p class=\"small\">Event <code>{id}</code> · <a href=\"/events/{id}/stream\">stream</a> · <a href=\"/events/{id}?format=json\">status JSON</a></p></main></body></html>"
     );
     let mut resp = Response::new(full(html));
     let h = resp.headers_mut();

@@ -15,6 +15,7 @@ pub struct Problem {
     pub title: &'static str,
     pub detail: String,
     pub extra: Vec<(&'static str, Value)>,
+    pub headers: Vec<(header::HeaderName, &'static str)>,
 }
 
 impl Problem {
@@ -30,11 +31,18 @@ impl Problem {
             title,
             detail: detail.into(),
             extra: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
     pub fn with(mut self, key: &'static str, value: Value) -> Problem {
         self.extra.push((key, value));
+        self
+    }
+
+    /// Adds a response header (e.g. Allow on a 405).
+    pub fn header(mut self, name: header::HeaderName, value: &'static str) -> Problem {
+        self.headers.push((name, value));
         self
     }
 
@@ -75,6 +83,10 @@ impl Problem {
             header::CACHE_CONTROL,
             header::HeaderValue::from_static("no-store"),
         );
+        for (name, value) in self.headers {
+            resp.headers_mut()
+                .insert(name, header::HeaderValue::from_static(value));
+        }
         resp
     }
 }

@@ -70,6 +70,7 @@ fn not_allowed(allow: &'static str) -> Problem {
         "Method not allowed",
         format!("this resource accepts {allow}"),
     )
+    .header(header::ALLOW, allow)
     .with("allow", json!(allow))
 }
 
@@ -291,19 +292,38 @@ fn etag(seq: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{seq}\"")).expect("digits are header-safe")
 }
 
-/// The seq named by If-None-Match, if any.
-fn if_none_match(headers: &HeaderMap) -> Option<u64> {
-    let v = header_str(headers, "if-none-match")?;
-    v.split(',').find_map(|t| {
-        t.trim()
-            .trim_start_matches("W/")
-            .trim_matches('"')
-            .parse()
-            .ok()
-    })
+/// True when If-None-Match names this seq's ETag (any tag of a list, or `*`).
+fn none_match(headers: &HeaderMap, seq: u64) -> bool {
+    let Some(v) = header_str(headers, "if-none-match") else {
+        return false;
+    };
+    let want = seq.to_string();
+    v.split(',')
+        .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+        .any(|t| t == "*" || t == want)
 }
 
-fn wants_html(headers: &HeaderMap) -> bool {
+/// The newest seq the client says it has, from If-None-Match (a list: the highest).
+fn known_seq(headers: &HeaderMap) -> Option<u64> {
+    let v = header_str(headers, "if-none-match")?;
+    v.split(',')
+        .filter_map(|t| {
+            t.trim()
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
+/// `?format=json|html` wins; otherwise the Accept header decides.
+fn wants_html(headers: &HeaderMap, format: Option<&str>) -> bool {
+    match format {
+        Some("html") => return true,
+        Some("json") => return false,
+        _ => {}
+    }
     let accept = header_str(headers, "accept").unwrap_or("");
     let pos = |needle: &str| accept.find(needle);
     match (pos("text/html"), pos("application/json")) {
@@ -329,25 +349,31 @@ async fn get_status(
     let id = parse_id(raw)?;
     let q = query(req);
     let mut status = read_status(sh, &id)?;
-    if wants_html(req.headers()) {
+    if wants_html(req.headers(), q.get("format").map(String::as_str)) {
         let check: u32 = q.get("check").and_then(|c| c.parse().ok()).unwrap_or(0);
         return Ok(pages::wait_page(sh, &status, check));
     }
-    let known = if_none_match(req.headers());
     if let Some(wait) = q.get("wait") {
-        let secs: f64 = wait.parse().map_err(|_| {
-            Problem::bad_request(
-                "invalid-wait",
-                "wait must be a number of seconds, e.g. ?wait=30",
-            )
-        })?;
+        let secs = wait
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite())
+            .ok_or_else(|| {
+                Problem::bad_request(
+                    "invalid-wait",
+                    "wait must be a number of seconds, e.g. ?wait=30",
+                )
+            })?;
         let limit =
             Duration::from_secs_f64(secs.clamp(0.0, sh.settings.long_poll_max.as_secs_f64()));
-        status = long_poll(sh, &id, known.unwrap_or(status.seq), limit)
-            .await
-            .unwrap_or(status);
+        let known = if none_match(req.headers(), status.seq) {
+            status.seq
+        } else {
+            known_seq(req.headers()).unwrap_or(status.seq)
+        };
+        status = long_poll(sh, &id, known, limit).await.unwrap_or(status);
     }
-    if known == Some(status.seq) {
+    if none_match(req.headers(), status.seq) {
         let mut resp = Response::new(super::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         resp.headers_mut().insert(header::ETAG, etag(status.seq));

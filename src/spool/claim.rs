@@ -30,7 +30,12 @@ impl Spool {
         let from = self.queue_path(id);
         let to = self.running_path(id);
         match rename_checked(&from, &to) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                // rename keeps the entry's mtime, which may be old enough to
+                // look like an expired lease to other hosts: start it afresh.
+                let _ = touch(&to);
+                Ok(true)
+            }
             Err(e) if is_gone(&e) => Ok(false),
             Err(e) => Err(SpoolError::Io {
                 op: "claim",

@@ -14,6 +14,8 @@
 use std::fs;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use walkdir::WalkDir;
+
 use super::ids::EventId;
 use super::{is_gone, IoContext, Result, Spool};
 
@@ -37,17 +39,20 @@ impl Spool {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let events = self.dir("events");
-        let mut old: Vec<EventId> = fs::read_dir(&events)
-            .at("list", &events)?
+        // walkdir lists one level, sorted by name, which is creation order
+        // for ULIDs: the sweep can stop at the first ID younger than the cutoff.
+        let old = WalkDir::new(&events)
+            .min_depth(1)
+            .max_depth(1)
+            .sort_by_file_name()
+            .into_iter()
             .filter_map(|e| {
                 e.ok()?
                     .file_name()
                     .to_str()
                     .and_then(|n| EventId::parse(n).ok())
             })
-            .filter(|id| id.timestamp_ms() < cutoff_ms)
-            .collect();
-        old.sort();
+            .take_while(|id| id.timestamp_ms() < cutoff_ms);
         for id in old {
             if swept.events_deleted + swept.keys_deleted >= max_deletes {
                 swept.more = true;

@@ -272,3 +272,59 @@ pub fn is_network_fs(path: &Path) -> bool {
     let kind = buf.f_type as i64;
     matches!(kind, NFS | FUSE | SMB | CIFS | SMB2 | CEPH)
 }
+
+/// Held for as long as a spoold serves this spool as this host: a second
+/// spoold with the same host id would "recover" the first one's live claims.
+/// (A lock on one file per host, not on claims: claims never use locks.)
+#[derive(Debug)]
+pub struct HostLock {
+    _file: fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another spoold (pid {pid}) is already serving {} as host {host:?}; stop it, or give this one another --host-id", spool.display())]
+    Held {
+        pid: String,
+        host: String,
+        spool: PathBuf,
+    },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+impl Spool {
+    pub fn lock_host(&self) -> Result<HostLock, LockError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let dir = self.dir("hosts");
+        fs::create_dir_all(&dir).at("create", &dir)?;
+        let path = dir.join(format!("{}.lock", self.host));
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .at("open", &path)?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                return Err(LockError::Held {
+                    pid: pid.trim().to_owned(),
+                    host: self.host.clone(),
+                    spool: self.root.clone(),
+                });
+            }
+            // No lock support here (some NFS set-ups): go on, but say so.
+            tracing::warn!(path = %path.display(), error = %err, "cannot lock the host file; make sure only one spoold runs per host id");
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(HostLock { _file: file })
+    }
+}
