@@ -16,12 +16,13 @@
 //! Runs are separate tasks ([`runner`]); they report back when done.
 
 pub mod handlers;
+pub mod pending;
 pub mod process;
 pub mod progress;
 pub mod retry;
 pub mod runner;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,8 +35,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::Shared;
 use crate::spool::ids::{EventId, HandlerType};
-use crate::spool::records::QueueEntry;
+use crate::spool::records::{QueueEntry, Timestamp};
 use crate::spool::Spool;
+use pending::Pending;
 
 /// Messages to the dispatcher.
 pub enum Msg {
@@ -84,10 +86,10 @@ impl DispatchHandle {
 
 struct Dispatcher {
     sh: Arc<Shared>,
-    pending: BTreeMap<EventId, QueueEntry>,
+    pending: Pending,
     running: HashMap<String, usize>,
     total: usize,
-    limits: HashMap<String, (Option<usize>, StdInstant)>,
+    limits: Limits,
     warned: HashSet<PathBuf>,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -104,10 +106,10 @@ pub async fn run(
 ) {
     let mut d = Dispatcher {
         sh,
-        pending: BTreeMap::new(),
+        pending: Pending::default(),
         running: HashMap::new(),
         total: 0,
-        limits: HashMap::new(),
+        limits: Limits::default(),
         warned: HashSet::new(),
         abort,
         tracker,
@@ -168,7 +170,7 @@ impl Dispatcher {
             }
         }
         let listed: HashSet<&EventId> = ids.iter().collect();
-        self.pending.retain(|id, _| listed.contains(id));
+        self.pending.retain(|id| listed.contains(id));
         for id in ids {
             self.learn(id);
         }
@@ -177,9 +179,9 @@ impl Dispatcher {
 
     /// Adds a queue entry not known yet, reading it from disk.
     fn learn(&mut self, id: EventId) {
-        if let std::collections::btree_map::Entry::Vacant(slot) = self.pending.entry(id) {
-            if let Some(entry) = read_entry(&self.sh.spool, slot.key()) {
-                slot.insert(entry);
+        if !self.pending.contains(&id) {
+            if let Some(entry) = read_entry(&self.sh.spool, &id) {
+                self.pending.insert(id, entry);
             }
         }
     }
@@ -203,35 +205,32 @@ impl Dispatcher {
     }
 
     fn next_due(&self) -> Option<Instant> {
-        let now_ms = crate::spool::records::Timestamp::now().unix_ms();
-        let earliest = self
-            .pending
-            .values()
-            .filter_map(|e| e.not_before_ms)
-            .filter(|&t| t > now_ms)
-            .min()?;
-        Some(Instant::now() + Duration::from_millis(earliest - now_ms))
+        let now_ms = Timestamp::now().unix_ms();
+        let due = self.pending.next_due_ms()?;
+        Some(Instant::now() + Duration::from_millis(due.saturating_sub(now_ms)))
     }
 
+    /// Starts due entries, oldest first, while there is room; an entry whose
+    /// type is at its own limit is passed over, not waited for.
     fn start_due(&mut self) {
         let capacity = self.sh.settings.concurrency;
-        if self.total >= capacity || self.pending.is_empty() {
-            return;
-        }
-        let now_ms = crate::spool::records::Timestamp::now().unix_ms();
-        let candidates: Vec<(EventId, String)> = self
-            .pending
-            .iter()
-            .filter(|(_, e)| e.is_due(now_ms))
-            .map(|(id, e)| (id.clone(), e.kind.clone()))
-            .collect();
-        for (id, kind) in candidates {
-            if self.total >= capacity {
+        self.pending.promote(Timestamp::now().unix_ms());
+        let mut full: HashSet<String> = HashSet::new();
+        while self.total < capacity {
+            let mut next = None;
+            for (id, kind) in self.pending.ready() {
+                if full.contains(kind) {
+                    continue;
+                }
+                let running = self.running.get(kind).copied().unwrap_or(0);
+                if running >= self.limits.get(&self.sh.settings.handlers_dir, kind) {
+                    full.insert(kind.to_owned());
+                    continue;
+                }
+                next = Some((id.clone(), kind.to_owned()));
                 break;
             }
-            if self.running.get(&kind).copied().unwrap_or(0) >= self.type_limit(&kind) {
-                continue;
-            }
+            let Some((id, kind)) = next else { break };
             self.pending.remove(&id);
             match self.sh.spool.claim(&id) {
                 Ok(true) => self.start(id, kind),
@@ -251,21 +250,26 @@ impl Dispatcher {
             sh.dispatch.send(Msg::Finished(kind));
         });
     }
+}
 
-    /// The per-type concurrency from `handlers/<type>.toml`, re-read every few seconds.
-    fn type_limit(&mut self, kind: &str) -> usize {
+/// Per-type concurrency limits from `handlers/<type>.toml`, re-read every
+/// few seconds so an edited limit takes effect without a restart.
+#[derive(Default)]
+struct Limits(HashMap<String, (Option<usize>, StdInstant)>);
+
+impl Limits {
+    fn get(&mut self, dir: &std::path::Path, kind: &str) -> usize {
         const TTL: Duration = Duration::from_secs(2);
-        if let Some((limit, at)) = self.limits.get(kind) {
+        if let Some((limit, at)) = self.0.get(kind) {
             if at.elapsed() < TTL {
                 return limit.unwrap_or(usize::MAX);
             }
         }
         let limit = HandlerType::parse(kind)
             .ok()
-            .and_then(|k| handlers::resolve(&self.sh.settings.handlers_dir, &k).ok())
+            .and_then(|k| handlers::resolve(dir, &k).ok())
             .and_then(|spec| spec.concurrency);
-        self.limits
-            .insert(kind.to_owned(), (limit, StdInstant::now()));
+        self.0.insert(kind.to_owned(), (limit, StdInstant::now()));
         limit.unwrap_or(usize::MAX)
     }
 }

@@ -211,10 +211,6 @@ impl QueueEntry {
             not_before_ms: None,
         }
     }
-
-    pub fn is_due(&self, now_ms: u64) -> bool {
-        self.not_before_ms.is_none_or(|t| t <= now_ms)
-    }
 }
 
 /// `dead/<id>`: why an event was given up on.
