@@ -59,7 +59,7 @@ pub struct ServeArgs {
     /// Treat the spool as shared with other hosts (default: detected for NFS and FUSE)
     #[arg(long)]
     pub shared: bool,
-    /// This host's name in running/<host>/ and in statuses [default: the hostname]
+    /// This host's name in running/<host>/ and in statuses [default: the short hostname]
     #[arg(long, env = "SPOOLD_HOST_ID")]
     pub host_id: Option<String>,
     /// Allow listening on a non-loopback address without authentication

@@ -610,3 +610,72 @@ echo "finished $SPOOL_ATTEMPT""#,
     assert_eq!(lines(&srv, "attempts"), ["1"], "it ran once");
     assert_spool_settles(&srv);
 }
+
+const LAST_ATTEMPT: &str = r#"echo "$SPOOL_ATTEMPT" >> "$T/attempts"
+echo $$ > "$T/pid"
+wait_for go
+echo "finished $SPOOL_ATTEMPT""#;
+
+#[test]
+fn kill9_during_the_last_attempt_dead_letters_instead_of_retrying_forever() {
+    let mut srv = common::server()
+        .handler("last", &script(LAST_ATTEMPT))
+        .handler_toml("last", "max_attempts = 1\n")
+        .start();
+    let id = srv.submit("last", "{}");
+    let pidfile = tdir(&srv).join("pid");
+    wait_until(secs(10), "the handler to start", || pidfile.exists());
+    let _reap = Reap(vec![read_pid(&pidfile).unwrap()]);
+    srv.kill9();
+    srv.restart();
+    let st = srv.wait_final(&id, secs(10));
+    assert_eq!(state(&st), "failed", "{st}");
+    assert_eq!(st["dead_letter"], true, "{st}");
+    assert_eq!(st["attempt"], 1, "{st}");
+    let error = st["error"].as_str().unwrap();
+    assert!(
+        error.contains("last attempt (1 of 1) was cut short"),
+        "{error}"
+    );
+    assert!(
+        error.contains("restarted during attempt 1"),
+        "the error says what cut it short: {error}"
+    );
+    assert_eq!(
+        lines(&srv, "attempts"),
+        ["1"],
+        "the handler never ran again"
+    );
+    wait_until(secs(5), "the dead letter", || {
+        srv.spool.join("dead").join(&id).exists()
+    });
+    assert_spool_settles(&srv);
+}
+
+#[test]
+fn a_graceful_stop_during_the_last_attempt_does_not_use_it_up() {
+    let mut srv = common::server()
+        .handler("last", &script(LAST_ATTEMPT))
+        .handler_toml("last", "max_attempts = 1\n")
+        .config("shutdown_grace = \"300ms\"")
+        .start();
+    let id = srv.submit("last", "{}");
+    let pidfile = tdir(&srv).join("pid");
+    wait_until(secs(10), "the handler to start", || pidfile.exists());
+    let _reap = Reap(vec![read_pid(&pidfile).unwrap()]);
+    assert_eq!(srv.stop(), Some(0));
+    let st = disk_status(&srv, &id);
+    assert_eq!(state(&st), "queued", "{st}");
+    assert_eq!(st["max_attempts"], 2, "the cut attempt is given back: {st}");
+    release(&srv, "go");
+    srv.restart();
+    let st = srv.wait_final(&id, secs(10));
+    assert_eq!(state(&st), "succeeded", "{st}");
+    assert_eq!(st["attempt"], 2, "attempt still counts every start: {st}");
+    assert!(
+        st["attempt"].as_u64() <= st["max_attempts"].as_u64(),
+        "{st}"
+    );
+    assert_eq!(lines(&srv, "attempts"), ["1", "2"]);
+    assert_spool_settles(&srv);
+}

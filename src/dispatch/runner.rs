@@ -2,9 +2,11 @@
 //! that ends it (final, or queued again for a retry).
 //!
 //! The runner is the single writer of the event's status while it holds the
-//! claim. It records `attempt` (fsync'd) before the handler starts, so every
-//! start is counted even across crashes, and it writes the final status before
-//! it lets go of the claim, so recovery can always tell what happened.
+//! claim. It records `attempt` before the handler starts, so every start is
+//! counted even when spoold is killed (the write is atomic but not fsync'd:
+//! only a power cut can lose it, and then the attempt is re-run anyway), and
+//! it writes the final status, fsync'd, before it lets go of the claim, so
+//! recovery can always tell what happened.
 //!
 //! A failing handler is an outcome, not an error: every way a handler can end
 //! maps to a state and a sentence in `error`. Errors returned from here are
@@ -54,8 +56,11 @@ enum Verdict {
     Retryable(String),
     /// Final: state, error.
     Final(State, String),
-    /// Spoold is stopping: back to the queue at once.
+    /// Spoold is stopping: back to the queue at once, the attempt not held
+    /// against the event (its `max_attempts` grows by one).
     Requeue(String),
+    /// No attempts left and no verdict from the last one: dead letter.
+    Exhausted(String),
     /// Another host owns the event now: record nothing.
     Abandon,
 }
@@ -93,6 +98,18 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
             None,
         );
     }
+    if status.attempt >= status.max_attempts {
+        // The last attempt was cut short (spoold was killed, or its host lost
+        // the lease) with no verdict: the budget is spent. A run that takes
+        // its host down with it must not do so forever.
+        let why = format!(
+            "the last attempt ({} of {}) was cut short and not retried ({})",
+            status.attempt,
+            status.max_attempts,
+            status.message.as_deref().unwrap_or("its host stopped")
+        );
+        return finish(sh, id, &env, status, Verdict::Exhausted(why), None);
+    }
     let spec = match HandlerType::parse(&env.kind)
         .map_err(|e| e.to_string())
         .and_then(|k| handlers::resolve(&sh.settings.handlers_dir, &k).map_err(|e| e.to_string()))
@@ -113,7 +130,10 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
     st.error = None;
     st.exit_code = None;
     st.data = serde_json::json!({});
-    spool.write_status(&st, Durability::Durable)?;
+    // Atomic, not fsync'd: a process crash keeps it (page cache), and after a
+    // power cut the attempt is re-run anyway (at-least-once); only the final
+    // status must survive everything, and that one is fsync'd.
+    spool.write_status(&st, Durability::Volatile)?;
     sh.hub.publish(&st);
     tracing::info!(kind = %env.kind, attempt = st.attempt, "starting handler");
     for stale in ["result", "progress.json", "stderr"] {
@@ -379,7 +399,9 @@ fn judge(ending: &Ending, stderr: &[u8]) -> Verdict {
             "handler printed more than max_result_bytes to stdout and was stopped; write large results to $SPOOL_RESULT or raise max_result_bytes".into(),
         ),
         Ending::LostLease => Verdict::Abandon,
-        Ending::ShuttingDown => Verdict::Requeue("requeued: spoold shut down during the attempt".into()),
+        Ending::ShuttingDown => Verdict::Requeue(
+            "requeued: spoold shut down during the attempt (not counted against max_attempts)".into(),
+        ),
     }
 }
 
@@ -479,7 +501,7 @@ fn finish(
 ) -> Result<(), SpoolError> {
     let spool = &sh.spool;
     let mut next = st.next();
-    let attempts_left = st.attempt < env.max_attempts;
+    let attempts_left = st.attempt < st.max_attempts;
     match verdict {
         Verdict::Abandon => {
             tracing::warn!("lost the claim to another host; this host stops acting for the event");
@@ -488,7 +510,13 @@ fn finish(
         Verdict::Requeue(why) => {
             next.state = State::Queued;
             next.message = Some(why);
+            next.max_attempts += 1;
             return requeue(sh, id, env, next, None);
+        }
+        Verdict::Exhausted(why) => {
+            next.state = State::Failed;
+            next.error = Some(why);
+            next.dead_letter = true;
         }
         Verdict::Retryable(why) if attempts_left => {
             let delay = backoff(&sh.settings, st.attempt);

@@ -3,7 +3,9 @@
 //! A claim is `rename(queue/<id>, running/<host>/<id>)`. rename is atomic on
 //! every POSIX filesystem and on NFS, so when several dispatchers race for an
 //! entry exactly one succeeds; the others see ENOENT (or ESTALE on NFS) and
-//! move on. No flock anywhere: NFS locking is too often missing or broken.
+//! move on. No locks for claims: NFS locking is too often missing or broken.
+//! (The only lock is `hosts/<host>.lock`, which keeps a second spoold with
+//! the same host id off the spool; see [`Spool::lock_host`].)
 //!
 //! The claim file's mtime is the lease: its owner touches it while it runs the
 //! event. A claim whose mtime is older than `lease_ttl` by the shared

@@ -10,6 +10,7 @@
 //!   running/<host>/<id>     claimed by rename from queue/; mtime = lease heartbeat
 //!   dead/<id>               dead letters (JSON DeadLetter)
 //!   idem/<sha256(key)>      idempotency keys: first event for a key
+//!   hosts/<host>.lock       flock'd by the one spoold serving as <host>; holds its pid
 //! ```
 //!
 //! Invariants:

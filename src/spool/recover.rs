@@ -8,8 +8,8 @@
 //!   process group it left running is killed first (its pid and start time are
 //!   kept in the claim), so an event never runs twice at once. Then a claim
 //!   whose status is already final is just dropped; any other is put back in
-//!   the queue, its status saying so, unless that was its last attempt: then
-//!   it is dead-lettered, so an event that crashes its host cannot do so forever.
+//!   the queue, its status saying so. (If that was its last attempt, the
+//!   dispatcher dead-letters it when it claims it: see `dispatch::runner`.)
 //!
 //! Queue entries whose event directory is missing or damaged are dealt with by
 //! the dispatcher when it claims them (dead-lettered with a log line), which
@@ -54,7 +54,6 @@ pub struct Recovered {
     pub published: usize,
     pub requeued: usize,
     pub released: usize,
-    pub dead_lettered: usize,
     pub killed_groups: usize,
 }
 
@@ -148,30 +147,6 @@ impl Spool {
             Some(s) if s.state.is_terminal() => {
                 self.release(id)?;
                 done.released += 1;
-            }
-            Some(s) if s.attempt >= s.max_attempts => {
-                // A run that takes its host down with it must not do so forever.
-                let mut next = s.next();
-                next.state = State::Failed;
-                next.dead_letter = true;
-                next.error = Some(format!(
-                    "spoold on host {} stopped during the last attempt ({} of {}); not retried",
-                    self.host(),
-                    s.attempt,
-                    s.max_attempts
-                ));
-                next.finished_at = Some(next.updated_at);
-                self.write_status(&next, Durability::Durable)?;
-                let letter = DeadLetter {
-                    id: id.to_string(),
-                    kind: s.kind.clone(),
-                    attempts: s.attempt,
-                    error: next.error.clone(),
-                    at: Timestamp::now(),
-                };
-                self.dead_letter(id, &letter)?;
-                tracing::warn!(%id, attempt = s.attempt, "the host stopped during the last attempt; dead-lettered");
-                done.dead_lettered += 1;
             }
             Some(s) => {
                 let mut next = s.next();
