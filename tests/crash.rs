@@ -15,9 +15,9 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{names, process_alive, wait_until, Server};
 use serde_json::Value;
@@ -106,32 +106,6 @@ fn assert_spool_settles(srv: &Server) {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(left.is_empty(), "left behind in the spool: {left:?}");
-}
-
-/// A fresh ULID (time-ordered, 26 upper-case Crockford base-32 characters).
-fn make_ulid() -> String {
-    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let ms = now.as_millis();
-    let salt = u128::from(COUNTER.fetch_add(1, Ordering::Relaxed))
-        ^ (u128::from(std::process::id()) << 20)
-        ^ (u128::from(now.subsec_nanos()) << 40);
-    let v = (ms << 80) | (salt & ((1u128 << 80) - 1));
-    (0..26)
-        .map(|i| ALPHABET[((v >> (5 * (25 - i))) & 31) as usize] as char)
-        .collect()
-}
-
-/// Writes `events/<id>/event.json` as a submit does before it publishes.
-fn write_event_dir(spool: &Path, id: &str, kind: &str, payload: &str) {
-    let dir = spool.join("events").join(id);
-    fs::create_dir_all(&dir).unwrap();
-    let envelope = format!(
-        r#"{{"id": "{id}", "type": "{kind}", "submitted_at": "{}", "max_attempts": 3, "timeout": 30, "payload": {payload}}}"#,
-        humantime::format_rfc3339_millis(SystemTime::now())
-    );
-    fs::write(dir.join("event.json"), envelope).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -395,21 +369,21 @@ fn a_submit_cut_short_between_event_dir_and_queue_is_published_at_start() {
     srv.kill9();
     let tmp = srv.spool.join("tmp");
     // Crash between steps 3 and 4: event dir placed, entry only staged.
-    let unpublished = make_ulid();
-    write_event_dir(&srv.spool, &unpublished, "t", r#"{"case": "unpublished"}"#);
+    let unpublished = common::make_ulid();
+    common::write_event_by_hand(&srv.spool, &unpublished, "t", r#"{"case": "unpublished"}"#);
     fs::write(
         tmp.join(format!("testhost.1.0.queue.{unpublished}")),
         br#"{"type":"t"}"#,
     )
     .unwrap();
     // Crash after the link but before the staging name was removed.
-    let linked = make_ulid();
-    write_event_dir(&srv.spool, &linked, "t", r#"{"case": "linked"}"#);
+    let linked = common::make_ulid();
+    common::write_event_by_hand(&srv.spool, &linked, "t", r#"{"case": "linked"}"#);
     let staged = tmp.join(format!("testhost.1.1.queue.{linked}"));
     fs::write(&staged, br#"{"type":"t"}"#).unwrap();
     fs::hard_link(&staged, srv.spool.join("queue").join(&linked)).unwrap();
     // Crash before the event dir was placed: no event at all.
-    let never = make_ulid();
+    let never = common::make_ulid();
     fs::write(
         tmp.join(format!("testhost.1.2.queue.{never}")),
         br#"{"type":"t"}"#,
@@ -474,7 +448,7 @@ fn stray_files_in_queue_and_running_are_ignored_with_a_warning() {
 #[test]
 fn a_queue_entry_without_its_event_is_dead_lettered_and_work_goes_on() {
     let mut srv = common::server().handler("echo", "#!/bin/sh\ncat\n").start();
-    let ghost = make_ulid();
+    let ghost = common::make_ulid();
     fs::write(srv.spool.join("queue").join(&ghost), br#"{"type":"echo"}"#).unwrap();
     let dead = srv.spool.join("dead").join(&ghost);
     wait_until(secs(5), "the orphan entry in dead/", || dead.exists());
@@ -506,7 +480,7 @@ fn a_queue_entry_without_its_event_is_dead_lettered_and_work_goes_on() {
 
     // The same, found at start-up.
     srv.kill9();
-    let ghost2 = make_ulid();
+    let ghost2 = common::make_ulid();
     fs::write(srv.spool.join("queue").join(&ghost2), br#"{"type":"echo"}"#).unwrap();
     srv.restart();
     let dead2 = srv.spool.join("dead").join(&ghost2);

@@ -14,7 +14,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -960,34 +959,6 @@ fn fifty_concurrent_posts_with_one_idempotency_key_make_one_event() {
 // Events placed in the spool by another process
 // ---------------------------------------------------------------------------
 
-/// A fresh ULID (time-ordered, 26 upper-case Crockford base-32 characters).
-fn make_ulid() -> String {
-    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let ms = now.as_millis();
-    let salt = u128::from(COUNTER.fetch_add(1, Ordering::Relaxed))
-        ^ (u128::from(std::process::id()) << 20)
-        ^ (u128::from(now.subsec_nanos()) << 40);
-    let v = (ms << 80) | (salt & ((1u128 << 80) - 1));
-    (0..26)
-        .map(|i| ALPHABET[((v >> (5 * (25 - i))) & 31) as usize] as char)
-        .collect()
-}
-
-/// Writes `events/<id>/event.json` the way an outside program would.
-fn write_event_by_hand(spool: &Path, id: &str, kind: &str, payload: &str) {
-    let dir = spool.join("events").join(id);
-    fs::create_dir_all(&dir).unwrap();
-    let envelope = format!(
-        r#"{{"id": "{id}", "type": "{kind}", "submitted_at": "{}", "max_attempts": 3, "timeout": 30, "payload": {payload}}}"#,
-        humantime::format_rfc3339_millis(SystemTime::now())
-    );
-    let tmp = dir.join(".event.json.tmp");
-    fs::write(&tmp, envelope).unwrap();
-    fs::rename(&tmp, dir.join("event.json")).unwrap();
-}
-
 #[test]
 fn an_event_written_into_the_spool_by_hand_is_picked_up() {
     let srv = common::server()
@@ -995,14 +966,14 @@ fn an_event_written_into_the_spool_by_hand_is_picked_up() {
         .start();
     // One published by rename (a watcher sees it at once), one written in
     // place (a create of an empty file first: the rescan must still get it).
-    let a = make_ulid();
-    write_event_by_hand(&srv.spool, &a, "echo", r#"{"n": 1}"#);
+    let a = common::make_ulid();
+    common::write_event_by_hand(&srv.spool, &a, "echo", r#"{"n": 1}"#);
     let staged = srv.spool.join("tmp").join(format!("other.1.{a}"));
     fs::write(&staged, br#"{"type":"echo"}"#).unwrap();
     fs::rename(&staged, srv.spool.join("queue").join(&a)).unwrap();
 
-    let b = make_ulid();
-    write_event_by_hand(&srv.spool, &b, "echo", r#"{"n": 2}"#);
+    let b = common::make_ulid();
+    common::write_event_by_hand(&srv.spool, &b, "echo", r#"{"n": 2}"#);
     fs::write(srv.spool.join("queue").join(&b), br#"{"type":"echo"}"#).unwrap();
 
     for (id, n) in [(&a, 1), (&b, 2)] {

@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
-use common::{Server, SseEvent};
+use common::{Server, Sse, SseEvent};
 use serde_json::Value;
 
 const FINAL: Duration = Duration::from_secs(10);
@@ -38,245 +36,19 @@ fn go(srv: &Server, id: &str, step: u32) {
     fs::write(srv.dir.path().join(format!("go-{id}-{step}")), b"").unwrap();
 }
 
-/// A live SSE response, read the way EventSource does. Unlike the harness's
-/// reader, a read that times out leaves the stream open (so silence can be
-/// asserted and reading go on), and the stream counts as closed only when the
-/// server ends the chunked body or closes the connection.
-struct Stream {
-    sock: TcpStream,
-    status: u16,
-    headers: BTreeMap<String, String>,
-    /// Bytes after the head not yet de-chunked.
-    wire: Vec<u8>,
-    chunked: bool,
-    /// Every body byte so far, de-chunked.
-    raw: String,
-    /// De-chunked text not yet split into events.
-    pending: String,
-    /// The server sent the last chunk (a cleanly ended body).
-    terminated: bool,
-    /// The server closed the connection.
-    eof: bool,
-}
-
-impl Stream {
-    fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Stream {
-        let sock = TcpStream::connect(addr).expect("connect");
-        Stream::over(sock, path, headers)
-    }
-
-    fn over(mut sock: TcpStream, path: &str, headers: &[(&str, &str)]) -> Stream {
-        let mut req =
-            format!("GET {path} HTTP/1.1\r\nHost: spoold\r\nAccept: text/event-stream\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        sock.write_all(req.as_bytes()).unwrap();
-        let mut st = Stream {
-            sock,
-            status: 0,
-            headers: BTreeMap::new(),
-            wire: Vec::new(),
-            chunked: false,
-            raw: String::new(),
-            pending: String::new(),
-            terminated: false,
-            eof: false,
-        };
-        let deadline = Instant::now() + SOON;
-        let end = loop {
-            if let Some(end) = st.wire.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-            assert!(
-                !st.eof && Instant::now() < deadline,
-                "no response head: {:?}",
-                String::from_utf8_lossy(&st.wire)
-            );
-            st.read_some(deadline);
-        };
-        let head = String::from_utf8(st.wire[..end].to_vec()).expect("ASCII head");
-        st.wire.drain(..end + 4);
-        let mut lines = head.split("\r\n");
-        st.status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        for l in lines {
-            let (k, v) = l.split_once(':').expect("header line");
-            st.headers
-                .insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-        st.chunked = st
-            .header("transfer-encoding")
-            .is_some_and(|t| t.contains("chunked"));
-        if st.status == 204 || st.status == 304 {
-            st.terminated = true;
-        }
-        st.decode();
-        st
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-
-    fn closed(&self) -> bool {
-        self.terminated || self.eof
-    }
-
-    /// One read, waiting at most until `deadline`; a timeout is not an end.
-    fn read_some(&mut self, deadline: Instant) {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        self.sock.set_read_timeout(Some(left)).unwrap();
-        let mut buf = [0u8; 65536];
-        match self.sock.read(&mut buf) {
-            Ok(0) => self.eof = true,
-            Ok(n) => self.wire.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(e) => panic!(
-                "the stream was reset instead of closed: {e}; so far: {:?}",
-                self.raw
-            ),
-        }
-    }
-
-    /// Moves every complete chunk from `wire` to `pending`.
-    fn decode(&mut self) {
-        let take = |bytes: Vec<u8>, raw: &mut String, pending: &mut String| {
-            let text = String::from_utf8(bytes).expect("SSE must be UTF-8");
-            raw.push_str(&text);
-            pending.push_str(&text);
-        };
-        if !self.chunked {
-            let bytes = std::mem::take(&mut self.wire);
-            take(bytes, &mut self.raw, &mut self.pending);
-            return;
-        }
-        while !self.terminated {
-            let Some(eol) = self.wire.windows(2).position(|w| w == b"\r\n") else {
-                return;
-            };
-            let size_line = String::from_utf8_lossy(&self.wire[..eol]).into_owned();
-            let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
-            if size == 0 {
-                // The last chunk: the body ended cleanly.
-                self.terminated = true;
-                self.wire.drain(..eol + 2);
-                return;
-            }
-            if self.wire.len() < eol + 2 + size + 2 {
-                return;
-            }
-            let data = self.wire[eol + 2..eol + 2 + size].to_vec();
-            assert_eq!(
-                &self.wire[eol + 2 + size..eol + 4 + size],
-                b"\r\n",
-                "chunk framing"
-            );
-            self.wire.drain(..eol + 4 + size);
-            take(data, &mut self.raw, &mut self.pending);
-        }
-    }
-
-    /// The next event or comment block; None when `within` passed (the
-    /// stream stays usable) or the stream ended.
-    fn next(&mut self, within: Duration) -> Option<SseEvent> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(pos) = self.pending.find("\n\n") {
-                let block: String = self.pending.drain(..pos + 2).collect();
-                return Some(parse_block(&block));
-            }
-            if self.closed() || Instant::now() >= deadline {
-                return None;
-            }
-            self.read_some(deadline);
-            self.decode();
-        }
-    }
-
-    /// Reads events until one named `name`; returns all read, that one last.
-    #[track_caller]
-    fn until(&mut self, name: &str, within: Duration) -> Vec<SseEvent> {
-        let deadline = Instant::now() + within;
-        let mut seen = Vec::new();
-        while let Some(ev) = self.next(deadline.saturating_duration_since(Instant::now())) {
-            let done = ev.event.as_deref() == Some(name);
-            seen.push(ev);
-            if done {
-                return seen;
-            }
-        }
-        panic!(
-            "no `{name}` event within {within:?}; got {seen:?}\nraw:\n{}",
-            self.raw
-        );
-    }
-
-    /// True when the server ends the stream within `within` without sending
-    /// anything but comments first.
-    #[track_caller]
-    fn ends_within(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while !self.closed() && Instant::now() < deadline {
-            if let Some(ev) = self.next(deadline.saturating_duration_since(Instant::now())) {
-                assert!(ev.comment, "an event after the end: {ev:?}");
-            }
-        }
-        self.closed()
-    }
-}
-
-fn parse_block(block: &str) -> SseEvent {
-    let mut ev = SseEvent::default();
-    let mut data = Vec::new();
-    let mut comment = true;
-    for line in block
-        .split('\n')
-        .filter(|l| !l.is_empty() && !l.starts_with(':'))
-    {
-        comment = false;
-        let (k, v) = line.split_once(':').unwrap_or((line, ""));
-        let v = v.strip_prefix(' ').unwrap_or(v);
-        match k {
-            "event" => ev.event = Some(v.into()),
-            "id" => ev.id = Some(v.into()),
-            "data" => data.push(v),
-            "retry" => ev.retry = v.parse().ok(),
-            _ => panic!("unexpected SSE line {line:?} in {block:?}"),
-        }
-    }
-    ev.data = data.join("\n");
-    ev.comment = comment;
-    ev
-}
-
 fn stream_path(id: &str) -> String {
     format!("/events/{id}/stream")
 }
 
-fn open(srv: &Server, id: &str, headers: &[(&str, &str)]) -> Stream {
-    let s = Stream::connect(srv.addr, &stream_path(id), headers);
+fn open(srv: &Server, id: &str, headers: &[(&str, &str)]) -> Sse {
+    let s = Sse::connect(srv.addr, &stream_path(id), headers);
     assert_eq!(s.status, 200, "stream of {id}: {:?} {:?}", s.headers, s.raw);
     s
 }
 
 /// Reads the `retry:` frame every stream starts with.
 #[track_caller]
-fn expect_retry(s: &mut Stream) {
+fn expect_retry(s: &mut Sse) {
     let ev = s.next(SOON).expect("a retry frame");
     assert_eq!(ev.retry, Some(500), "first frame: {ev:?}\nraw: {}", s.raw);
     assert!(
@@ -289,12 +61,12 @@ fn expect_retry(s: &mut Stream) {
 /// Reads until a `status` event whose message is `message`; returns all
 /// events read, that one last.
 #[track_caller]
-fn read_to_message(s: &mut Stream, message: &str) -> Vec<SseEvent> {
+fn read_to_message(s: &mut Sse, message: &str) -> Vec<SseEvent> {
     read_to_message_within(s, message, SOON)
 }
 
 #[track_caller]
-fn read_to_message_within(s: &mut Stream, message: &str, within: Duration) -> Vec<SseEvent> {
+fn read_to_message_within(s: &mut Sse, message: &str, within: Duration) -> Vec<SseEvent> {
     let deadline = Instant::now() + within;
     let mut seen = Vec::new();
     loop {
@@ -313,7 +85,7 @@ fn read_to_message_within(s: &mut Stream, message: &str, within: Duration) -> Ve
 
 /// Reads until a `status` event whose message is `message`; returns it.
 #[track_caller]
-fn until_message(s: &mut Stream, message: &str) -> SseEvent {
+fn until_message(s: &mut Sse, message: &str) -> SseEvent {
     read_to_message(s, message).pop().unwrap()
 }
 
@@ -470,11 +242,11 @@ fn last_event_id_resumes_after_the_given_seq() {
     let mut fresh = open(&srv, &id, &[]);
     // Resuming at the current seq, by header or by query: nothing yet.
     let mut by_header = open(&srv, &id, &[("Last-Event-ID", &s_str)]);
-    let mut by_query = Stream::connect(srv.addr, &q, &[]);
+    let mut by_query = Sse::connect(srv.addr, &q, &[]);
     assert_eq!(by_query.status, 200);
     // The header wins over the query.
     let both_path = format!("{}?last_event_id=0", stream_path(&id));
-    let mut both = Stream::connect(srv.addr, &both_path, &[("Last-Event-ID", &s_str)]);
+    let mut both = Sse::connect(srv.addr, &both_path, &[("Last-Event-ID", &s_str)]);
     // Resuming one seq back: the current status again.
     let mut behind = open(&srv, &id, &[("Last-Event-ID", &prev)]);
     for s in [
@@ -617,7 +389,7 @@ fn streams_of_unknown_or_malformed_ids_are_problems() {
 fn several_subscribers_all_get_the_same_final_status() {
     let srv = common::server().handler("job", &stepping(1)).start();
     let id = srv.submit("job", "{}");
-    let mut streams: Vec<Stream> = (0..5).map(|_| open(&srv, &id, &[])).collect();
+    let mut streams: Vec<Sse> = (0..5).map(|_| open(&srv, &id, &[])).collect();
     wait_streams_open(&srv, 5);
     for s in &mut streams {
         expect_retry(s);
@@ -780,7 +552,7 @@ fn a_subscriber_that_never_reads_does_not_delay_the_others() {
         .config("progress_interval = \"5ms\"")
         .start();
     let id = srv.submit("big", "{}");
-    let mut slow = Stream::over(
+    let mut slow = Sse::over(
         connect_with_small_receive_buffer(srv.addr),
         &stream_path(&id),
         &[],
@@ -847,7 +619,7 @@ fn a_subscriber_that_never_reads_does_not_delay_the_others() {
 fn open_streams_end_cleanly_on_sigterm_and_spoold_exits_0() {
     let mut srv = common::server().handler("job", &stepping(1)).start();
     let id = srv.submit("job", "{}");
-    let mut streams: Vec<Stream> = (0..2).map(|_| open(&srv, &id, &[])).collect();
+    let mut streams: Vec<Sse> = (0..2).map(|_| open(&srv, &id, &[])).collect();
     for s in &mut streams {
         expect_retry(s);
         until_message(s, "step 1");

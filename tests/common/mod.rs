@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -476,75 +476,161 @@ impl SseEvent {
     }
 }
 
-/// A live SSE connection. Its body is read by a thread into a channel, so a
-/// read with a deadline never loses bytes and a timeout is told apart from
-/// the end of the stream.
+/// A live SSE response, read the way EventSource does. A read that times out
+/// leaves the stream open (so silence can be asserted and reading go on); the
+/// stream counts as closed only when the server ends the chunked body or closes
+/// the connection, and a reset connection fails the test.
 pub struct Sse {
+    sock: TcpStream,
     pub status: u16,
     pub headers: BTreeMap<String, String>,
-    /// Every byte of the body received so far (de-chunked).
+    /// Bytes after the head not yet de-chunked.
+    wire: Vec<u8>,
+    chunked: bool,
+    /// Every body byte so far, de-chunked.
     pub raw: String,
-    rx: mpsc::Receiver<String>,
+    /// De-chunked text not yet split into events.
     pending: String,
-    pub closed: bool,
-}
-
-/// Opens `GET path` with `Accept: text/event-stream` and reads the head.
-pub fn sse(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut reader = BufReader::new(s);
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut line = Vec::new();
-        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        head.extend_from_slice(&line);
-    }
-    let resp = parse_head(&head).expect("SSE response head");
-    let chunked = resp
-        .header("transfer-encoding")
-        .is_some_and(|t| t.contains("chunked"));
-    let (tx, rx) = mpsc::channel();
-    // The reader thread blocks without a deadline; dropping the Sse closes the
-    // receiving end and the thread ends at the next chunk or at EOF.
-    reader.get_ref().set_read_timeout(None).unwrap();
-    std::thread::spawn(move || loop {
-        let piece = if chunked {
-            read_chunk(&mut reader)
-        } else {
-            let mut buf = [0u8; 4096];
-            match reader.read(&mut buf) {
-                Ok(0) | Err(_) => None,
-                Ok(n) => Some(buf[..n].to_vec()),
-            }
-        };
-        let Some(bytes) = piece else { return };
-        let text = String::from_utf8(bytes).expect("SSE must be UTF-8");
-        if tx.send(text).is_err() {
-            return;
-        }
-    });
-    Sse {
-        status: resp.status,
-        headers: resp.headers,
-        raw: String::new(),
-        rx,
-        pending: String::new(),
-        closed: false,
-    }
+    /// The server sent the last chunk (a cleanly ended body).
+    pub terminated: bool,
+    /// The server closed the connection.
+    eof: bool,
 }
 
 impl Sse {
-    /// The next event (or comment block), or None when the stream ended or
-    /// `within` passed (then `closed` tells which).
+    pub fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let sock = TcpStream::connect(addr).expect("connect");
+        Sse::over(sock, path, headers)
+    }
+
+    pub fn over(mut sock: TcpStream, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: spoold\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        sock.write_all(req.as_bytes()).unwrap();
+        let mut st = Sse {
+            sock,
+            status: 0,
+            headers: BTreeMap::new(),
+            wire: Vec::new(),
+            chunked: false,
+            raw: String::new(),
+            pending: String::new(),
+            terminated: false,
+            eof: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let end = loop {
+            if let Some(end) = st.wire.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            assert!(
+                !st.eof && Instant::now() < deadline,
+                "no response head: {:?}",
+                String::from_utf8_lossy(&st.wire)
+            );
+            st.read_some(deadline);
+        };
+        let head = String::from_utf8(st.wire[..end].to_vec()).expect("ASCII head");
+        st.wire.drain(..end + 4);
+        let mut lines = head.split("\r\n");
+        st.status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        for l in lines {
+            let (k, v) = l.split_once(':').expect("header line");
+            st.headers
+                .insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+        st.chunked = st
+            .header("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked"));
+        if st.status == 204 || st.status == 304 {
+            st.terminated = true;
+        }
+        st.decode();
+        st
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn closed(&self) -> bool {
+        self.terminated || self.eof
+    }
+
+    /// One read, waiting at most until `deadline`; a timeout is not an end.
+    fn read_some(&mut self, deadline: Instant) {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        self.sock.set_read_timeout(Some(left)).unwrap();
+        let mut buf = [0u8; 65536];
+        match self.sock.read(&mut buf) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.wire.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!(
+                "the stream was reset instead of closed: {e}; so far: {:?}",
+                self.raw
+            ),
+        }
+    }
+
+    /// Moves every complete chunk from `wire` to `pending`.
+    fn decode(&mut self) {
+        let take = |bytes: Vec<u8>, raw: &mut String, pending: &mut String| {
+            let text = String::from_utf8(bytes).expect("SSE must be UTF-8");
+            raw.push_str(&text);
+            pending.push_str(&text);
+        };
+        if !self.chunked {
+            let bytes = std::mem::take(&mut self.wire);
+            take(bytes, &mut self.raw, &mut self.pending);
+            return;
+        }
+        while !self.terminated {
+            let Some(eol) = self.wire.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size_line = String::from_utf8_lossy(&self.wire[..eol]).into_owned();
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
+            if size == 0 {
+                // The last chunk: the body ended cleanly.
+                self.terminated = true;
+                self.wire.drain(..eol + 2);
+                return;
+            }
+            if self.wire.len() < eol + 2 + size + 2 {
+                return;
+            }
+            let data = self.wire[eol + 2..eol + 2 + size].to_vec();
+            assert_eq!(
+                &self.wire[eol + 2 + size..eol + 4 + size],
+                b"\r\n",
+                "chunk framing"
+            );
+            self.wire.drain(..eol + 4 + size);
+            take(data, &mut self.raw, &mut self.pending);
+        }
+    }
+
+    /// The next event or comment block; None when `within` passed (the
+    /// stream stays usable) or the stream ended.
     pub fn next(&mut self, within: Duration) -> Option<SseEvent> {
         let deadline = Instant::now() + within;
         loop {
@@ -552,24 +638,16 @@ impl Sse {
                 let block: String = self.pending.drain(..pos + 2).collect();
                 return Some(parse_block(&block));
             }
-            if self.closed {
+            if self.closed() || Instant::now() >= deadline {
                 return None;
             }
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(text) => {
-                    self.raw.push_str(&text);
-                    self.pending.push_str(&text);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => return None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => self.closed = true,
-            }
+            self.read_some(deadline);
+            self.decode();
         }
     }
 
-    /// Reads events until one named `name` arrives; returns all read.
+    /// Reads events until one named `name`; returns all read, that one last.
+    #[track_caller]
     pub fn until(&mut self, name: &str, within: Duration) -> Vec<SseEvent> {
         let deadline = Instant::now() + within;
         let mut seen = Vec::new();
@@ -586,26 +664,29 @@ impl Sse {
         );
     }
 
-    /// True when the server ends the stream within `within` (events still
-    /// arriving meanwhile are read and dropped).
+    /// True when the server ends the stream within `within` without sending
+    /// anything but comments first.
+    #[track_caller]
     pub fn ends_within(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        while !self.closed && Instant::now() < deadline {
-            self.next(deadline.saturating_duration_since(Instant::now()));
+        while !self.closed() && Instant::now() < deadline {
+            if let Some(ev) = self.next(deadline.saturating_duration_since(Instant::now())) {
+                assert!(ev.comment, "an event after the end: {ev:?}");
+            }
         }
-        self.closed
+        self.closed()
     }
 }
 
 fn parse_block(block: &str) -> SseEvent {
     let mut ev = SseEvent::default();
-    let mut data: Vec<&str> = Vec::new();
-    let mut only_comments = true;
-    for line in block.split('\n').filter(|l| !l.is_empty()) {
-        if line.starts_with(':') {
-            continue;
-        }
-        only_comments = false;
+    let mut data = Vec::new();
+    let mut comment = true;
+    for line in block
+        .split('\n')
+        .filter(|l| !l.is_empty() && !l.starts_with(':'))
+    {
+        comment = false;
         let (k, v) = line.split_once(':').unwrap_or((line, ""));
         let v = v.strip_prefix(' ').unwrap_or(v);
         match k {
@@ -613,12 +694,17 @@ fn parse_block(block: &str) -> SseEvent {
             "id" => ev.id = Some(v.into()),
             "data" => data.push(v),
             "retry" => ev.retry = v.parse().ok(),
-            _ => {}
+            _ => panic!("unexpected SSE line {line:?} in {block:?}"),
         }
     }
     ev.data = data.join("\n");
-    ev.comment = only_comments;
+    ev.comment = comment;
     ev
+}
+
+/// Opens `GET path` with `Accept: text/event-stream` and reads the head.
+pub fn sse(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+    Sse::connect(addr, path, headers)
 }
 
 /// Polls `cond` until it holds; panics with `what` after `within`.
@@ -655,4 +741,35 @@ pub fn names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// A fresh ULID made outside spoold (time-ordered, 26 Crockford base-32
+/// characters), for events written into the spool by hand.
+pub fn make_ulid() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let salt = u128::from(COUNTER.fetch_add(1, Ordering::Relaxed))
+        ^ (u128::from(std::process::id()) << 20)
+        ^ (u128::from(now.subsec_nanos()) << 40);
+    let v = (now.as_millis() << 80) | (salt & ((1u128 << 80) - 1));
+    (0..26)
+        .map(|i| ALPHABET[((v >> (5 * (25 - i))) & 31) as usize] as char)
+        .collect()
+}
+
+/// Writes `events/<id>/event.json` (atomically) the way another program
+/// dropping an event into the spool would.
+pub fn write_event_by_hand(spool: &Path, id: &str, kind: &str, payload: &str) {
+    let dir = spool.join("events").join(id);
+    fs::create_dir_all(&dir).unwrap();
+    let envelope = format!(
+        r#"{{"id": "{id}", "type": "{kind}", "submitted_at": "{}", "max_attempts": 3, "timeout": 30, "payload": {payload}}}"#,
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
+    let tmp = dir.join(".event.json.tmp");
+    fs::write(&tmp, envelope).unwrap();
+    fs::rename(&tmp, dir.join("event.json")).unwrap();
 }
