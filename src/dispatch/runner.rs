@@ -89,14 +89,7 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
     }
     let dir = spool.event_dir(id);
     if dir.join("cancel").exists() {
-        return finish(
-            sh,
-            id,
-            &env,
-            status,
-            Verdict::Final(State::Cancelled, "cancelled before it started".into()),
-            None,
-        );
+        return cancel_unstarted(sh, id, &env, status);
     }
     if status.attempt >= status.max_attempts {
         // The last attempt was cut short (spoold was killed, or its host lost
@@ -614,13 +607,16 @@ pub fn cancel_queued(sh: &Shared, id: &EventId) -> Result<bool, SpoolError> {
         sh.spool.release(id)?;
         return Ok(false);
     }
-    finish(
-        sh,
-        id,
-        &env,
-        status,
-        Verdict::Final(State::Cancelled, "cancelled before it started".into()),
-        None,
-    )?;
+    cancel_unstarted(sh, id, &env, status)?;
     Ok(true)
+}
+
+fn cancel_unstarted(
+    sh: &Shared,
+    id: &EventId,
+    env: &Envelope,
+    status: Status,
+) -> Result<(), SpoolError> {
+    let verdict = Verdict::Final(State::Cancelled, "cancelled before it started".into());
+    finish(sh, id, env, status, verdict, None)
 }
