@@ -48,7 +48,8 @@ impl Shared {
 }
 
 /// Runs spoold until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    fit_open_files(&mut settings);
     let settings = Arc::new(settings);
     // Bind first: a second spoold on the same port stops here, before it
     // touches the spool.
@@ -62,7 +63,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let shared_fs = settings
         .shared
         .unwrap_or_else(|| crate::spool::is_network_fs(spool.root()));
-    let recovered = spool.recover().context("recovery of the spool failed")?;
+    let recovered = spool
+        .recover(settings.lease_ttl)
+        .context("recovery of the spool failed")?;
     tracing::info!(spool = %spool.root().display(), host = %settings.host_id, shared = shared_fs, ?recovered, "spool ready");
     if !settings.handlers_dir.is_dir() {
         tracing::warn!(dir = %settings.handlers_dir.display(), "the handlers directory does not exist; every submit will get 404 until it does");
@@ -88,7 +91,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let runs = TaskTracker::new();
     let abort = CancellationToken::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(dispatch::run(
+    let mut dispatcher = tasks.spawn(dispatch::run(
         Arc::clone(&sh),
         rx,
         shutdown.clone(),
@@ -103,7 +106,24 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     println!("spoold listening on http://{addr}");
     tracing::info!(%addr, "listening");
 
-    shutdown.cancelled().await;
+    // The dispatcher only ends when told to; if it ends on its own (a panic),
+    // nothing would run any more: stop, so that a supervisor restarts spoold.
+    let mut failure = None;
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {}
+        ended = &mut dispatcher => {
+            if !shutdown.is_cancelled() {
+                let why = match ended {
+                    Err(e) if e.is_panic() => "the dispatcher panicked",
+                    _ => "the dispatcher stopped",
+                };
+                tracing::error!("{why}; shutting down so that a supervisor can restart spoold");
+                failure = Some(why);
+                shutdown.cancel();
+            }
+        }
+    }
     tracing::info!("shutting down");
     runs.close();
     if tokio::time::timeout(settings.shutdown_grace, runs.wait())
@@ -117,7 +137,41 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tasks.close();
     let _ = server.await;
     tasks.wait().await;
-    Ok(())
+    match failure {
+        Some(why) => anyhow::bail!("{why}; see the log above"),
+        None => Ok(()),
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, and keeps
+/// `max_connections` below it (with room for the spool and handlers' pipes),
+/// so that a crowd of clients meets the connection limit, not EMFILE.
+pub fn fit_open_files(settings: &mut Settings) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let reserve = 64 + 4 * settings.concurrency as u64;
+    let room = lim.rlim_cur.saturating_sub(reserve).max(16) as usize;
+    if settings.max_connections > room {
+        tracing::warn!(max_connections = settings.max_connections, open_file_limit = lim.rlim_cur, lowered_to = room, "max_connections is above what the open-file limit allows; lowered it (raise `ulimit -n` to allow more)");
+        settings.max_connections = room;
+    }
 }
 
 async fn gc_loop(sh: Arc<Shared>, shutdown: CancellationToken) {

@@ -1,24 +1,29 @@
 //! Dispatch: turns queue entries into handler runs.
 //!
-//! One task owns every decision. It keeps the queue entries it knows of in
-//! ID order (IDs are time-ordered, so this is FIFO), and on every wake-up
-//! starts as many due entries as the global and per-type concurrency limits
-//! allow, claiming each by rename just before it starts it: a host never holds
-//! an event it cannot run now, so hosts sharing a spool divide the work.
+//! One task owns every decision. It keeps the queue entries it knows of
+//! ([`pending`]), and on every wake-up starts as many due entries as the
+//! global and per-type concurrency limits allow, oldest first, claiming each
+//! by rename just before it starts it: a host never holds an event it cannot
+//! run now, so hosts sharing a spool divide the work. It never claims an ID it
+//! is already running.
 //!
 //! It learns of entries from three sources, cheapest first: submits made in
 //! this process (and retries of its own runs) hand them over directly; the
 //! filesystem watcher passes on the names it sees created in `queue/`; and a
 //! periodic rescan of `queue/`, the source of truth, catches everything else
-//! (other hosts, lost notifications). The same rescan takes over claims of
-//! other hosts whose lease expired.
+//! (other hosts, lost notifications). The same rescan moves stale claims back
+//! to the queue: other hosts' whose lease expired, and this host's own that
+//! no runner holds (left by a runner that could not finish its work).
 //!
-//! Runs are separate tasks ([`runner`]); they report back when done.
+//! Runs are separate tasks ([`runner`]); they report back when done, even
+//! when they panic.
 
 pub mod handlers;
+pub mod outcome;
 pub mod pending;
 pub mod process;
 pub mod progress;
+pub mod result;
 pub mod retry;
 pub mod runner;
 
@@ -26,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant as StdInstant};
+use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -34,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::Shared;
+use crate::spool::claim::ClaimToken;
 use crate::spool::ids::{EventId, HandlerType};
 use crate::spool::records::{QueueEntry, Timestamp};
 use crate::spool::Spool;
@@ -47,8 +53,8 @@ pub enum Msg {
     Seen(EventId),
     /// Something may have been missed: list `queue/` again.
     Rescan,
-    /// A run ended.
-    Finished(String),
+    /// A run ended (or panicked).
+    Finished(EventId, String),
 }
 
 /// The sending side, held by the server, the watcher and the runners.
@@ -87,9 +93,13 @@ impl DispatchHandle {
 struct Dispatcher {
     sh: Arc<Shared>,
     pending: Pending,
-    running: HashMap<String, usize>,
-    total: usize,
+    /// Runs going on now: ID → type.
+    running: HashMap<EventId, String>,
+    /// Runs going on now, per type.
+    per_type: HashMap<String, usize>,
     limits: Limits,
+    /// Claims seen stale once: a second sighting, unchanged, is needed.
+    suspects: HashMap<PathBuf, SystemTime>,
     warned: HashSet<PathBuf>,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -108,15 +118,16 @@ pub async fn run(
         sh,
         pending: Pending::default(),
         running: HashMap::new(),
-        total: 0,
+        per_type: HashMap::new(),
         limits: Limits::default(),
+        suspects: HashMap::new(),
         warned: HashSet::new(),
         abort,
         tracker,
     };
     let interval = d.sh.rescan_interval();
     let mut next_scan = Instant::now();
-    loop {
+    while !shutdown.is_cancelled() {
         if Instant::now() >= next_scan {
             d.rescan().await;
             next_scan = Instant::now() + interval;
@@ -139,30 +150,36 @@ pub async fn run(
             _ = sleep_until(wake) => {}
         }
     }
-    tracing::info!(running = d.total, "dispatcher stopped taking new work");
+    tracing::info!(
+        running = d.running.len(),
+        "dispatcher stopped taking new work"
+    );
 }
 
 impl Dispatcher {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Queued(id, entry) => {
-                self.pending.insert(id, entry);
+                if !self.running.contains_key(&id) {
+                    self.pending.insert(id, entry);
+                }
             }
             Msg::Seen(id) => self.learn(id),
             Msg::Rescan => {
-                // Coalesced: the loop rescans when its timer says so; make it now.
-                let _ = self.rescan_now();
+                if let Err(e) = self.rescan_queue() {
+                    tracing::error!(error = %e, "cannot list the queue");
+                }
             }
-            Msg::Finished(kind) => {
-                self.total -= 1;
-                if let Some(n) = self.running.get_mut(&kind) {
-                    *n -= 1;
+            Msg::Finished(id, kind) => {
+                self.running.remove(&id);
+                if let Some(n) = self.per_type.get_mut(&kind) {
+                    *n = n.saturating_sub(1);
                 }
             }
         }
     }
 
-    fn rescan_now(&mut self) -> crate::spool::Result<()> {
+    fn rescan_queue(&mut self) -> crate::spool::Result<()> {
         let (ids, strays) = self.sh.spool.list_queue()?;
         for stray in strays {
             if self.warned.insert(stray.clone()) {
@@ -179,7 +196,7 @@ impl Dispatcher {
 
     /// Adds a queue entry not known yet, reading it from disk.
     fn learn(&mut self, id: EventId) {
-        if !self.pending.contains(&id) {
+        if !self.pending.contains(&id) && !self.running.contains_key(&id) {
             if let Some(entry) = read_entry(&self.sh.spool, &id) {
                 self.pending.insert(id, entry);
             }
@@ -187,19 +204,20 @@ impl Dispatcher {
     }
 
     async fn rescan(&mut self) {
-        if let Err(e) = self.rescan_now() {
+        if let Err(e) = self.rescan_queue() {
             tracing::error!(error = %e, "cannot list the queue");
         }
         let sh = Arc::clone(&self.sh);
-        let taken = tokio::task::spawn_blocking(move || {
-            take_over_stale_claims(&sh.spool, sh.settings.lease_ttl)
+        let ours: HashSet<EventId> = self.running.keys().cloned().collect();
+        let suspects = std::mem::take(&mut self.suspects);
+        let scan = tokio::task::spawn_blocking(move || {
+            take_over_stale_claims(&sh.spool, sh.settings.lease_ttl, &ours, suspects)
         })
         .await;
-        if let Ok(ids) = taken {
-            for id in ids {
-                if let Some(entry) = read_entry(&self.sh.spool, &id) {
-                    self.pending.insert(id, entry);
-                }
+        if let Ok((taken, suspects)) = scan {
+            self.suspects = suspects;
+            for id in taken {
+                self.learn(id);
             }
         }
     }
@@ -215,40 +233,59 @@ impl Dispatcher {
     fn start_due(&mut self) {
         let capacity = self.sh.settings.concurrency;
         self.pending.promote(Timestamp::now().unix_ms());
-        let mut full: HashSet<String> = HashSet::new();
-        while self.total < capacity {
-            let mut next = None;
-            for (id, kind) in self.pending.ready() {
-                if full.contains(kind) {
-                    continue;
-                }
-                let running = self.running.get(kind).copied().unwrap_or(0);
-                if running >= self.limits.get(&self.sh.settings.handlers_dir, kind) {
-                    full.insert(kind.to_owned());
-                    continue;
-                }
-                next = Some((id.clone(), kind.to_owned()));
+        while self.running.len() < capacity {
+            let (per_type, limits, dir) = (
+                &self.per_type,
+                &mut self.limits,
+                &self.sh.settings.handlers_dir,
+            );
+            let Some((id, kind)) = self.pending.next_ready(|kind| {
+                per_type.get(kind).copied().unwrap_or(0) < limits.get(dir, kind)
+            }) else {
                 break;
-            }
-            let Some((id, kind)) = next else { break };
+            };
             self.pending.remove(&id);
             match self.sh.spool.claim(&id) {
-                Ok(true) => self.start(id, kind),
-                Ok(false) => {}
+                Ok(Some(token)) => self.start(id, kind, token),
+                Ok(None) => {}
                 Err(e) => tracing::error!(%id, error = %e, "cannot claim a queue entry"),
             }
         }
     }
 
-    fn start(&mut self, id: EventId, kind: String) {
-        self.total += 1;
-        *self.running.entry(kind.clone()).or_default() += 1;
-        let sh = Arc::clone(&self.sh);
+    fn start(&mut self, id: EventId, kind: String, token: ClaimToken) {
+        self.running.insert(id.clone(), kind.clone());
+        *self.per_type.entry(kind.clone()).or_default() += 1;
+        let done = Done {
+            sh: Arc::clone(&self.sh),
+            id: Some(id.clone()),
+            kind,
+        };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            runner::run(Arc::clone(&sh), id, abort).await;
-            sh.dispatch.send(Msg::Finished(kind));
+            runner::run(Arc::clone(&done.sh), id, token, abort).await;
+            drop(done);
         });
+    }
+}
+
+/// Tells the dispatcher that a run ended, however it ended (a panic too).
+struct Done {
+    sh: Arc<Shared>,
+    id: Option<EventId>,
+    kind: String,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            if std::thread::panicking() {
+                tracing::error!(%id, "the run panicked; its claim is recovered once its lease expires");
+            }
+            self.sh
+                .dispatch
+                .send(Msg::Finished(id, std::mem::take(&mut self.kind)));
+        }
     }
 }
 
@@ -274,8 +311,6 @@ impl Limits {
     }
 }
 
-/// Reads a queue entry; a hand-made or damaged one still runs (its type then
-/// comes from event.json, or it is dead-lettered by the runner).
 fn read_entry(spool: &Spool, id: &EventId) -> Option<QueueEntry> {
     let path = spool.queue_path(id);
     match spool.read_entry(&path) {
@@ -300,21 +335,32 @@ fn read_entry(spool: &Spool, id: &EventId) -> Option<QueueEntry> {
     }
 }
 
-/// Moves other hosts' claims whose lease ran out back to `queue/`.
-/// Returns the IDs this call put back.
-fn take_over_stale_claims(spool: &Spool, ttl: Duration) -> Vec<EventId> {
+/// Moves claims whose lease expired back to `queue/`: other hosts', and this
+/// host's own that no runner holds (`ours` are the ones running). A claim
+/// must be seen stale, with the same mtime, on two scans in a row, so that a
+/// claim caught between its rename and its first lease touch, or a host
+/// stalled for a moment, is not taken from its owner. Returns the IDs put
+/// back and the claims seen stale once.
+fn take_over_stale_claims(
+    spool: &Spool,
+    ttl: Duration,
+    ours: &HashSet<EventId>,
+    suspects: HashMap<PathBuf, SystemTime>,
+) -> (Vec<EventId>, HashMap<PathBuf, SystemTime>) {
     let mut taken = Vec::new();
+    let mut seen_stale = HashMap::new();
     let Ok(hosts) = std::fs::read_dir(spool.dir("running")) else {
-        return taken;
+        return (taken, seen_stale);
     };
-    let mut now = None;
+    let Ok(fs_now) = spool.fs_now() else {
+        return (taken, seen_stale);
+    };
+    let own = spool.host();
     for host in hosts.flatten() {
-        if host.file_name().to_str() == Some(spool.host()) {
-            continue;
-        }
         let Ok(claims) = std::fs::read_dir(host.path()) else {
             continue;
         };
+        let is_own = host.file_name().to_str() == Some(own);
         for claim in claims.flatten() {
             let Some(id) = claim
                 .file_name()
@@ -323,27 +369,29 @@ fn take_over_stale_claims(spool: &Spool, ttl: Duration) -> Vec<EventId> {
             else {
                 continue;
             };
+            if is_own && ours.contains(&id) {
+                continue;
+            }
             let Ok(mtime) = claim.metadata().and_then(|m| m.modified()) else {
                 continue;
             };
-            let fs_now = match now {
-                Some(t) => t,
-                None => match spool.fs_now() {
-                    Ok(t) => *now.insert(t),
-                    Err(_) => return taken,
-                },
-            };
-            if fs_now.duration_since(mtime).unwrap_or_default() > ttl {
-                // rename, not link: when several hosts race, exactly one moves it.
-                match crate::spool::atomic::rename_checked(&claim.path(), &spool.queue_path(&id)) {
-                    Ok(()) => {
-                        tracing::warn!(%id, host = ?host.file_name(), "took over a claim whose lease expired");
-                        taken.push(id);
-                    }
-                    Err(e) => tracing::debug!(%id, error = %e, "takeover raced with another host"),
+            if fs_now.duration_since(mtime).unwrap_or_default() <= ttl {
+                continue;
+            }
+            let path = claim.path();
+            if suspects.get(&path) != Some(&mtime) {
+                seen_stale.insert(path, mtime);
+                continue;
+            }
+            match spool.take_over(&path, &id) {
+                Ok(true) => {
+                    tracing::warn!(%id, host = ?host.file_name(), "moved a claim whose lease expired back to the queue");
+                    taken.push(id);
                 }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%id, error = %e, "could not take over a stale claim"),
             }
         }
     }
-    taken
+    (taken, seen_stale)
 }

@@ -1,22 +1,22 @@
-//! The queue entries a dispatcher knows of: the due ones in ID order (FIFO,
-//! since IDs are time-ordered), and the delayed ones (retries waiting out
-//! their backoff) by not-before time. Picking the next event to start looks
-//! only at the front of the due ones, so its cost does not grow with the
-//! length of the queue.
+//! The queue entries a dispatcher knows of: the due ones per type in ID order
+//! (FIFO, since IDs are time-ordered), and the delayed ones (retries waiting
+//! out their backoff) by not-before time. Picking the next event to start
+//! looks at the head of each type's line only, so its cost grows with the
+//! number of types, not with the length of the queue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::spool::ids::EventId;
 use crate::spool::records::QueueEntry;
 
 #[derive(Default)]
 pub struct Pending {
-    /// Due entries: ID → type.
-    ready: BTreeMap<EventId, String>,
+    /// Due entries, per type.
+    ready: HashMap<String, BTreeSet<EventId>>,
     /// Delayed entries: (not-before ms, ID) → type.
     delayed: BTreeMap<(u64, EventId), String>,
-    /// Delayed ID → its not-before, to find it for removal.
-    when: HashMap<EventId, u64>,
+    /// Every known ID → (type, not-before if delayed).
+    index: HashMap<EventId, (String, Option<u64>)>,
 }
 
 impl Pending {
@@ -24,40 +24,55 @@ impl Pending {
         self.remove(&id);
         match entry.not_before_ms {
             Some(t) => {
-                self.when.insert(id.clone(), t);
-                self.delayed.insert((t, id), entry.kind);
+                self.delayed.insert((t, id.clone()), entry.kind.clone());
             }
             None => {
-                self.ready.insert(id, entry.kind);
+                self.ready
+                    .entry(entry.kind.clone())
+                    .or_default()
+                    .insert(id.clone());
             }
         }
+        self.index.insert(id, (entry.kind, entry.not_before_ms));
     }
 
     pub fn remove(&mut self, id: &EventId) {
-        if self.ready.remove(id).is_none() {
-            if let Some(t) = self.when.remove(id) {
+        let Some((kind, not_before)) = self.index.remove(id) else {
+            return;
+        };
+        match not_before {
+            Some(t) => {
                 self.delayed.remove(&(t, id.clone()));
+            }
+            None => {
+                if let Some(line) = self.ready.get_mut(&kind) {
+                    line.remove(id);
+                    if line.is_empty() {
+                        self.ready.remove(&kind);
+                    }
+                }
             }
         }
     }
 
     pub fn contains(&self, id: &EventId) -> bool {
-        self.ready.contains_key(id) || self.when.contains_key(id)
+        self.index.contains_key(id)
     }
 
     pub fn len(&self) -> usize {
-        self.ready.len() + self.delayed.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.index.is_empty()
     }
 
     /// Keeps only the entries for which `keep` is true.
     pub fn retain(&mut self, keep: impl Fn(&EventId) -> bool) {
-        self.ready.retain(|id, _| keep(id));
-        self.delayed.retain(|(_, id), _| keep(id));
-        self.when.retain(|id, _| keep(id));
+        let gone: Vec<EventId> = self.index.keys().filter(|id| !keep(id)).cloned().collect();
+        for id in gone {
+            self.remove(&id);
+        }
     }
 
     /// Moves delayed entries whose time has come to the due ones.
@@ -67,8 +82,13 @@ impl Pending {
                 break;
             }
             let ((_, id), kind) = entry.remove_entry();
-            self.when.remove(&id);
-            self.ready.insert(id, kind);
+            self.insert(
+                id,
+                QueueEntry {
+                    kind,
+                    not_before_ms: None,
+                },
+            );
         }
     }
 
@@ -77,9 +97,14 @@ impl Pending {
         self.delayed.keys().next().map(|(t, _)| *t)
     }
 
-    /// Due entries, oldest first.
-    pub fn ready(&self) -> impl Iterator<Item = (&EventId, &str)> {
-        self.ready.iter().map(|(id, kind)| (id, kind.as_str()))
+    /// The oldest due entry among the types for which `has_room` says yes.
+    pub fn next_ready(&self, mut has_room: impl FnMut(&str) -> bool) -> Option<(EventId, String)> {
+        self.ready
+            .iter()
+            .filter_map(|(kind, line)| Some((line.first()?, kind)))
+            .filter(|(_, kind)| has_room(kind))
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(id, kind)| (id.clone(), kind.clone()))
     }
 }
 
@@ -104,13 +129,12 @@ mod tests {
         );
         p.insert(c.clone(), entry("x", None));
         p.insert(a.clone(), entry("x", Some(200)));
-        p.insert(b.clone(), entry("y", Some(100)));
+        p.insert(b.clone(), entry("x", Some(100)));
         assert_eq!(p.next_due_ms(), Some(100));
         p.promote(150);
-        let ready: Vec<_> = p.ready().map(|(id, _)| id.clone()).collect();
         assert_eq!(
-            ready,
-            vec![b.clone(), c.clone()],
+            p.next_ready(|_| true).unwrap().0,
+            b,
             "FIFO by ID among due ones"
         );
         p.insert(a.clone(), entry("x", None));
@@ -123,5 +147,18 @@ mod tests {
         p.retain(|id| id != &c);
         assert_eq!(p.len(), 1);
         assert!(p.contains(&a) && !p.contains(&b));
+    }
+
+    #[test]
+    fn a_type_without_room_does_not_hide_the_others() {
+        let mut p = Pending::default();
+        let ids: Vec<EventId> = (0..1000).map(|_| EventId::generate()).collect();
+        for id in &ids {
+            p.insert(id.clone(), entry("busy", None));
+        }
+        let late = EventId::generate();
+        p.insert(late.clone(), entry("free", None));
+        assert_eq!(p.next_ready(|k| k != "busy"), Some((late, "free".into())));
+        assert_eq!(p.next_ready(|_| true).unwrap().0, ids[0]);
     }
 }

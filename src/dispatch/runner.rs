@@ -2,20 +2,23 @@
 //! that ends it (final, or queued again for a retry).
 //!
 //! The runner is the single writer of the event's status while it holds the
-//! claim. It records `attempt` before the handler starts, so every start is
-//! counted even when spoold is killed (the write is atomic but not fsync'd:
-//! only a power cut can lose it, and then the attempt is re-run anyway), and
-//! it writes the final status, fsync'd, before it lets go of the claim, so
-//! recovery can always tell what happened.
+//! claim (checked by its [`ClaimToken`] before every write). It records
+//! `attempt` before the handler starts, so every start is counted, and it
+//! writes the final status, fsync'd, before it lets go of the claim (see
+//! [`outcome`]). The `running` status and progress are written with their
+//! data synced but not their name: never torn, and at worst the previous
+//! version after a power cut, which ends the run anyway.
 //!
-//! A failing handler is an outcome, not an error: every way a handler can end
-//! maps to a state and a sentence in `error`. Errors returned from here are
-//! spool I/O failures, logged by the caller.
+//! A failing handler is an outcome, not an error. A spool error (disk full,
+//! out of file descriptors) is an error: the event is given back to the
+//! queue with backoff, so it never stays claimed with nobody running it.
+//! File I/O runs on blocking threads, never on the runtime's.
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,73 +26,176 @@ use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::handlers::{self, HandlerSpec};
+use super::outcome::{self, Ending, Verdict};
 use super::process::{self, Captured, Launch};
 use super::progress::{Progress, ProgressFile};
-use super::retry::backoff;
 use crate::app::Shared;
 use crate::metrics::Metrics;
 use crate::spool::atomic::Durability;
+use crate::spool::claim::ClaimToken;
 use crate::spool::ids::{EventId, HandlerType};
-use crate::spool::records::{
-    DeadLetter, Envelope, QueueEntry, ResultInfo, State, Status, Timestamp,
-};
-use crate::spool::recover::{process_start, ClaimRecord, ProcessMark};
+use crate::spool::records::{Envelope, QueueEntry, State, Status, Timestamp};
+use crate::spool::recover::{ClaimRecord, ProcessMark};
 use crate::spool::SpoolError;
 
-/// Exit code for "bad input, do not retry" (sysexits EX_DATAERR).
-pub const EX_DATAERR: i32 = 65;
-
-/// How the handler's run came to an end.
-enum Ending {
-    Exited(ExitStatus),
-    TimedOut,
-    Cancelled,
-    Overflow,
-    LostLease,
-    ShuttingDown,
+/// What an attempt starts from, once its `running` status is written.
+struct Started {
+    env: Envelope,
+    spec: HandlerSpec,
+    st: Status,
 }
 
-/// What to record.
-enum Verdict {
-    Succeeded,
-    /// A failure that may be retried if attempts are left.
-    Retryable(String),
-    /// Final: state, error.
-    Final(State, String),
-    /// Spoold is stopping: back to the queue at once, the attempt not held
-    /// against the event (its `max_attempts` grows by one).
-    Requeue(String),
-    /// No attempts left and no verdict from the last one: dead letter.
-    Exhausted(String),
-    /// Another host owns the event now: record nothing.
-    Abandon,
-}
-
-pub async fn run(sh: Arc<Shared>, id: EventId, abort: CancellationToken) {
+/// Runs one attempt of a claimed event.
+pub async fn run(sh: Arc<Shared>, id: EventId, token: ClaimToken, abort: CancellationToken) {
     use tracing::Instrument;
     let span = tracing::info_span!("event", %id);
     async {
-        if let Err(e) = attempt(&sh, &id, &abort).await {
-            tracing::error!(error = %e, "spool error while running the event; it will be recovered at the next start");
+        if let Err(e) = attempt(&sh, &id, token, &abort).await {
+            tracing::error!(error = %e, "spool error during the attempt; giving the event back to the queue");
+            let why = e.to_string();
+            let given = blocking(&sh, move |sh| outcome::give_back(sh, &id, token, &why)).await;
+            if let Err(e) = given {
+                tracing::error!(error = %e, "could not give the event back either; a rescan will once its lease expires");
+            }
         }
     }
     .instrument(span)
     .await
 }
 
-async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result<(), SpoolError> {
-    let spool = &sh.spool;
-    let (env, status) = match load(sh, id) {
-        Ok(Some(pair)) => pair,
-        Ok(None) => return Ok(()),
-        Err(e) => return dead_on_arrival(sh, id, e),
-    };
-    if status.state.is_terminal() {
-        return spool.release(id);
+/// Runs `f` on a blocking thread (a panic in it carries on in the caller).
+pub async fn blocking<T, F>(sh: &Arc<Shared>, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(&Shared) -> T + Send + 'static,
+{
+    let sh = Arc::clone(sh);
+    match tokio::task::spawn_blocking(move || f(&sh)).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
-    let dir = spool.event_dir(id);
-    if dir.join("cancel").exists() {
-        return cancel_unstarted(sh, id, &env, status);
+}
+
+async fn attempt(
+    sh: &Arc<Shared>,
+    id: &EventId,
+    token: ClaimToken,
+    abort: &CancellationToken,
+) -> Result<(), SpoolError> {
+    let id2 = id.clone();
+    let Some(Started { env, spec, mut st }) =
+        blocking(sh, move |sh| start(sh, &id2, token)).await?
+    else {
+        return Ok(());
+    };
+    let dir = sh.spool.event_dir(id);
+    let timeout = Duration::from_secs_f64(env.timeout.clamp(0.001, 1e9));
+    let launch = Launch {
+        program: &spec.path,
+        cwd: &dir,
+        env: handler_env(
+            sh,
+            &env,
+            &spec,
+            &dir,
+            st.attempt,
+            Timestamp::now().plus(timeout),
+        ),
+        stdin: env.payload.get().as_bytes().to_vec(),
+        stdout_cap: sh.settings.max_result_bytes,
+        stderr_tail: sh.settings.stderr_tail_bytes,
+    };
+    let mut running = match process::spawn(launch) {
+        Ok(r) => r,
+        Err(e) => {
+            let verdict = spawn_failure(&spec, &e);
+            let id = id.clone();
+            return blocking(sh, move |sh| {
+                outcome::finish(sh, &id, token, &env, st, verdict)
+            })
+            .await;
+        }
+    };
+    Metrics::inc(&sh.metrics.started);
+    sh.metrics.running.fetch_add(1, Ordering::Relaxed);
+    let (id2, kind, pid) = (id.clone(), env.kind.clone(), running.pid);
+    blocking(sh, move |sh| mark_process(sh, &id2, token, kind, pid)).await;
+
+    let mut progress = ProgressFile::new(dir.join("progress.json"));
+    let ending = supervise(
+        sh,
+        id,
+        token,
+        &mut running,
+        &mut st,
+        &mut progress,
+        timeout,
+        abort,
+    )
+    .await;
+    sh.metrics.running.fetch_sub(1, Ordering::Relaxed);
+    let (stdout, stderr) = collect_output(running).await;
+    // Exiting (killed by SIGPIPE, say) may beat the overflow signal: stdout decides.
+    let ending = if stdout.overflowed {
+        Ending::Overflow
+    } else {
+        ending
+    };
+    if let Some(p) = progress.poll() {
+        apply_progress(&mut st, p);
+    }
+    if let Ending::Exited(code) = ending {
+        st.exit_code = code.code();
+    }
+    let reported_type = progress.content_type.take();
+    let id = id.clone();
+    blocking(sh, move |sh| {
+        if !stderr.is_empty() {
+            if let Err(e) = sh
+                .spool
+                .write_event_file(&id, "stderr", &stderr, Durability::DataOnly)
+            {
+                tracing::warn!(error = %e, "could not keep the handler's stderr");
+            }
+        }
+        let verdict = match outcome::judge(&ending, &stderr) {
+            Verdict::Succeeded(_) => {
+                match super::result::store(sh, &id, &spec, reported_type, stdout) {
+                    Ok(info) => Verdict::Succeeded(info),
+                    Err(why) => Verdict::Final(State::Failed, why),
+                }
+            }
+            other => other,
+        };
+        outcome::finish(sh, &id, token, &env, st, verdict)
+    })
+    .await
+}
+
+/// Everything before the handler starts, on a blocking thread. `None` when
+/// the event was settled without running (final already, cancelled, out of
+/// attempts, damaged, or no runnable handler).
+fn start(sh: &Shared, id: &EventId, token: ClaimToken) -> Result<Option<Started>, SpoolError> {
+    let spool = &sh.spool;
+    let env = match spool.read_envelope(id) {
+        Ok(Some(env)) => env,
+        Ok(None) => {
+            return outcome::dead_on_arrival(sh, id, token, "event.json is missing").map(|()| None)
+        }
+        Err(e @ SpoolError::Damaged { .. }) => {
+            return outcome::dead_on_arrival(sh, id, token, &e.to_string()).map(|()| None)
+        }
+        Err(e) => return Err(e),
+    };
+    let status = spool
+        .status_or_rebuild(id)?
+        .unwrap_or_else(|| Status::initial(&env));
+    if status.state.is_terminal() {
+        spool.release(id, token)?;
+        return Ok(None);
+    }
+    if spool.event_dir(id).join("cancel").exists() {
+        return outcome::cancel_unstarted(sh, id, token, &env, status).map(|()| None);
     }
     if status.attempt >= status.max_attempts {
         // The last attempt was cut short (spoold was killed, or its host lost
@@ -101,20 +207,38 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
             status.max_attempts,
             status.message.as_deref().unwrap_or("its host stopped")
         );
-        return finish(sh, id, &env, status, Verdict::Exhausted(why), None);
+        return outcome::finish(sh, id, token, &env, status, Verdict::Exhausted(why))
+            .map(|()| None);
     }
-    let spec = match HandlerType::parse(&env.kind)
+    let st = running_status(&status, spool.host());
+    if !spool.holds(id, token) {
+        return Ok(None);
+    }
+    spool.write_status(&st, Durability::DataOnly)?;
+    sh.hub.publish(&st);
+    tracing::info!(kind = %env.kind, attempt = st.attempt, "starting handler");
+    for stale in ["result", "progress.json", "stderr"] {
+        let _ = fs::remove_file(spool.event_dir(id).join(stale));
+    }
+    // Resolved after the attempt is counted: a handler that is missing now
+    // (in the middle of a deploy, say) is retried, but not forever.
+    let resolved = HandlerType::parse(&env.kind)
         .map_err(|e| e.to_string())
-        .and_then(|k| handlers::resolve(&sh.settings.handlers_dir, &k).map_err(|e| e.to_string()))
-    {
-        Ok(spec) => spec,
-        Err(e) => return finish(sh, id, &env, status, Verdict::Final(State::Failed, e), None),
-    };
+        .and_then(|k| handlers::resolve(&sh.settings.handlers_dir, &k).map_err(|e| e.to_string()));
+    match resolved {
+        Ok(spec) => Ok(Some(Started { env, spec, st })),
+        Err(why) => {
+            outcome::finish(sh, id, token, &env, st, Verdict::Retryable(why)).map(|()| None)
+        }
+    }
+}
 
-    let mut st = status.next();
+/// The status of a new attempt.
+fn running_status(prev: &Status, host: &str) -> Status {
+    let mut st = prev.next();
     st.state = State::Running;
     st.attempt += 1;
-    st.host = Some(spool.host().to_owned());
+    st.host = Some(host.to_owned());
     st.started_at = Some(st.updated_at);
     st.finished_at = None;
     st.retry_at = None;
@@ -123,115 +247,21 @@ async fn attempt(sh: &Shared, id: &EventId, abort: &CancellationToken) -> Result
     st.error = None;
     st.exit_code = None;
     st.data = serde_json::json!({});
-    // Atomic, not fsync'd: a process crash keeps it (page cache), and after a
-    // power cut the attempt is re-run anyway (at-least-once); only the final
-    // status must survive everything, and that one is fsync'd.
-    spool.write_status(&st, Durability::Volatile)?;
-    sh.hub.publish(&st);
-    tracing::info!(kind = %env.kind, attempt = st.attempt, "starting handler");
-    for stale in ["result", "progress.json", "stderr"] {
-        let _ = fs::remove_file(dir.join(stale));
-    }
-
-    let timeout = Duration::from_secs_f64(env.timeout.max(0.001));
-    let deadline = Timestamp::now().plus(timeout);
-    let launch = Launch {
-        program: &spec.path,
-        cwd: &dir,
-        env: handler_env(sh, &env, &spec, &dir, st.attempt, deadline),
-        stdin: env.payload.get().as_bytes().to_vec(),
-        stdout_cap: sh.settings.max_result_bytes,
-        stderr_tail: sh.settings.stderr_tail_bytes,
-    };
-    let mut running = match process::spawn(launch) {
-        Ok(r) => r,
-        Err(e) => {
-            let why = format!(
-                "could not start {}: {e} (is it executable, with a valid #! line?)",
-                spec.path.display()
-            );
-            return finish(sh, id, &env, st, Verdict::Final(State::Failed, why), None);
-        }
-    };
-    Metrics::inc(&sh.metrics.started);
-    sh.metrics
-        .running
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    mark_process(sh, id, &env, running.pid);
-
-    let mut progress = ProgressFile::new(dir.join("progress.json"));
-    let ending = supervise(sh, id, &mut running, &mut st, &mut progress, timeout, abort).await;
-    sh.metrics
-        .running
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-
-    // Whatever is left of the group goes now; then collect its output, giving
-    // up on pipes held open by a process that escaped the group.
-    process::signal_group(running.pid, libc::SIGKILL);
-    let stop_reading = running.stop_reading.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        stop_reading.cancel();
-    });
-    let stdout = running.stdout.await.unwrap_or(Captured {
-        bytes: Vec::new(),
-        overflowed: false,
-    });
-    let stderr = running.stderr.await.unwrap_or_default();
-    running.stop_reading.cancel();
-    // Exiting (killed by SIGPIPE, say) may beat the overflow signal: stdout decides.
-    let ending = if stdout.overflowed {
-        Ending::Overflow
-    } else {
-        ending
-    };
-    if let Some(p) = progress.poll() {
-        apply_progress(&mut st, p);
-    }
-    if !stderr.is_empty() {
-        spool.write_event_file(id, "stderr", &stderr, Durability::Volatile)?;
-    }
-    let verdict = judge(&ending, &stderr);
-    if let Ending::Exited(code) = ending {
-        st.exit_code = code.code();
-    }
-    let result = match verdict {
-        Verdict::Succeeded => match store_result(sh, id, &spec, &progress, stdout) {
-            Ok(info) => info,
-            Err(why) => return finish(sh, id, &env, st, Verdict::Final(State::Failed, why), None),
-        },
-        _ => None,
-    };
-    finish(sh, id, &env, st, verdict, result)
+    st
 }
 
-/// Reads what the attempt needs. `Ok(None)`: the event vanished (deleted by hand).
-fn load(sh: &Shared, id: &EventId) -> Result<Option<(Envelope, Status)>, SpoolError> {
-    let Some(env) = sh.spool.read_envelope(id)? else {
-        return Err(SpoolError::Damaged {
-            path: sh.spool.event_dir(id),
-            detail: "event.json is missing".into(),
-        });
-    };
-    let status = sh
-        .spool
-        .read_status(id)?
-        .unwrap_or_else(|| Status::initial(&env));
-    Ok(Some((env, status)))
-}
-
-/// A claimed entry whose event cannot be read: dead-letter it, loudly.
-fn dead_on_arrival(sh: &Shared, id: &EventId, e: SpoolError) -> Result<(), SpoolError> {
-    tracing::error!(error = %e, "queued event is damaged; moved to dead/");
-    let letter = DeadLetter {
-        id: id.to_string(),
-        kind: String::new(),
-        attempts: 0,
-        error: Some(e.to_string()),
-        at: Timestamp::now(),
-    };
-    Metrics::inc(&sh.metrics.dead_lettered);
-    sh.spool.dead_letter(id, &letter)
+/// A handler that cannot be started: permanent when it never can be (no
+/// such file or interpreter, not executable), retried when it is the
+/// machine's passing trouble (out of processes, memory or descriptors).
+fn spawn_failure(spec: &HandlerSpec, e: &std::io::Error) -> Verdict {
+    let path = spec.path.display();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::ENOTDIR) => Verdict::Final(
+            State::Failed,
+            format!("could not start {path}: {e} (is it executable, with a #! line naming an interpreter that exists?)"),
+        ),
+        _ => Verdict::Retryable(format!("could not start {path}: {e}")),
+    }
 }
 
 fn handler_env(
@@ -276,29 +306,27 @@ fn handler_env(
     vars
 }
 
-/// Notes the handler's pid and start time in the claim, so that a restarted
-/// spoold can kill it if this one dies.
-fn mark_process(sh: &Shared, id: &EventId, env: &Envelope, pid: i32) {
+/// Notes the handler's pid, start time and boot in the claim, so that a
+/// restarted spoold can kill it if this one dies.
+fn mark_process(sh: &Shared, id: &EventId, token: ClaimToken, kind: String, pid: i32) {
     let record = ClaimRecord {
         entry: QueueEntry {
-            kind: env.kind.clone(),
+            kind,
             not_before_ms: None,
         },
-        process: process_start(pid).map(|start| ProcessMark { pid, start }),
+        process: ProcessMark::of(pid),
     };
     let bytes = serde_json::to_vec(&record).expect("serializable");
-    if let Err(e) =
-        sh.spool
-            .writer()
-            .replace(&sh.spool.running_path(id), &bytes, Durability::Volatile)
-    {
+    if let Err(e) = sh.spool.rewrite_claim(id, token, &bytes) {
         tracing::warn!(error = %e, "could not note the handler's pid in its claim");
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     id: &EventId,
+    token: ClaimToken,
     running: &mut process::Running,
     st: &mut Status,
     progress: &mut ProgressFile,
@@ -312,23 +340,18 @@ async fn supervise(
     lease.set_missed_tick_behavior(MissedTickBehavior::Delay);
     lease.tick().await;
     let cancel_marker = sh.spool.event_dir(id).join("cancel");
-    let grace = sh.settings.kill_grace;
-    let pid = running.pid;
     let stop = loop {
         tokio::select! {
             exit = running.child.wait() => {
-                return match exit {
-                    Ok(status) => Ending::Exited(status),
-                    Err(_) => Ending::Exited(ExitStatus::from_raw(0x7f00)),
-                };
+                return Ending::Exited(exit.unwrap_or(ExitStatus::from_raw(0x7f00)));
             }
             _ = sleep_until(deadline) => break Ending::TimedOut,
             _ = running.overflow.cancelled() => break Ending::Overflow,
             _ = abort.cancelled() => break Ending::ShuttingDown,
             _ = tick.tick() => {
                 if let Some(p) = progress.poll() {
-                    if apply_progress(st, p) {
-                        publish(sh, st);
+                    if apply_progress(st, p) && !publish(sh, id, token, st).await {
+                        break Ending::LostLease;
                     }
                 }
                 if cancel_marker.exists() {
@@ -336,15 +359,34 @@ async fn supervise(
                 }
             }
             _ = lease.tick() => {
-                if !sh.spool.touch_claim(id).unwrap_or(true) {
+                let id = id.clone();
+                if !blocking(sh, move |sh| sh.spool.touch_claim(&id, token).unwrap_or(true)).await {
                     break Ending::LostLease;
                 }
             }
         }
     };
-    tracing::info!(pid, "stopping the handler's process group");
-    let _ = process::terminate(&mut running.child, pid, grace).await;
+    tracing::info!(pid = running.pid, "stopping the handler's process group");
+    let _ = process::terminate(&mut running.child, running.pid, sh.settings.kill_grace).await;
     stop
+}
+
+/// Whatever is left of the group goes now; then its output is collected,
+/// giving up on pipes that a process which escaped the group holds open.
+async fn collect_output(running: process::Running) -> (Captured, Vec<u8>) {
+    process::signal_group(running.pid, libc::SIGKILL);
+    let stop_reading = running.stop_reading.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop_reading.cancel();
+    });
+    let stdout = running.stdout.await.unwrap_or(Captured {
+        bytes: Vec::new(),
+        overflowed: false,
+    });
+    let stderr = running.stderr.await.unwrap_or_default();
+    running.stop_reading.cancel();
+    (stdout, stderr)
 }
 
 /// Folds a progress reading into the status; true when anything changed.
@@ -367,256 +409,19 @@ fn apply_progress(st: &mut Status, p: Progress) -> bool {
     changed
 }
 
-fn publish(sh: &Shared, st: &Status) {
-    match sh.spool.write_status(st, Durability::Volatile) {
-        Ok(()) => sh.hub.publish(st),
-        Err(e) => tracing::warn!(error = %e, "could not record progress"),
-    }
-}
-
-fn judge(ending: &Ending, stderr: &[u8]) -> Verdict {
-    match ending {
-        Ending::Exited(s) if s.success() => Verdict::Succeeded,
-        Ending::Exited(s) => {
-            let why = format!("handler {}{}", process::describe_exit(*s), last_line(stderr));
-            if s.code() == Some(EX_DATAERR) {
-                Verdict::Final(State::Failed, format!("{why} (65: bad input, not retried)"))
-            } else {
-                Verdict::Retryable(why)
-            }
+/// Writes and publishes a progress status. False: the claim is not ours any more.
+async fn publish(sh: &Arc<Shared>, id: &EventId, token: ClaimToken, st: &Status) -> bool {
+    let (id, status) = (id.clone(), st.clone());
+    blocking(sh, move |sh| {
+        if !sh.spool.holds(&id, token) {
+            return false;
         }
-        Ending::TimedOut => Verdict::Final(State::TimedOut, "handler ran past its timeout and was stopped".into()),
-        Ending::Cancelled => Verdict::Final(State::Cancelled, "cancelled while running; the handler was stopped".into()),
-        Ending::Overflow => Verdict::Final(
-            State::Failed,
-            "handler printed more than max_result_bytes to stdout and was stopped; write large results to $SPOOL_RESULT or raise max_result_bytes".into(),
-        ),
-        Ending::LostLease => Verdict::Abandon,
-        Ending::ShuttingDown => Verdict::Requeue(
-            "requeued: spoold shut down during the attempt (not counted against max_attempts)".into(),
-        ),
-    }
-}
-
-/// ": <last non-empty stderr line>", or nothing.
-fn last_line(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
-        Some(line) => format!(": {}", line.chars().take(300).collect::<String>()),
-        None => String::new(),
-    }
-}
-
-/// Keeps the result: the file the handler wrote, or else its stdout.
-fn store_result(
-    sh: &Shared,
-    id: &EventId,
-    spec: &HandlerSpec,
-    progress: &ProgressFile,
-    stdout: Captured,
-) -> Result<Option<ResultInfo>, String> {
-    let path = sh.spool.event_dir(id).join("result");
-    let cap = sh.settings.max_result_bytes;
-    let (len, head) = match fs::metadata(&path) {
-        Ok(m) if m.len() > cap => {
-            return Err(format!(
-                "the result file is {} bytes, over max_result_bytes ({cap})",
-                m.len()
-            ))
+        match sh.spool.write_status(&status, Durability::DataOnly) {
+            Ok(()) => sh.hub.publish(&status),
+            Err(e) => tracing::warn!(error = %e, "could not record progress"),
         }
-        Ok(m) => (m.len(), read_head(&path)),
-        Err(_) if stdout.bytes.is_empty() => return Ok(None),
-        Err(_) => {
-            sh.spool
-                .write_event_file(id, "result", &stdout.bytes, Durability::Durable)
-                .map_err(|e| format!("could not store the result: {e}"))?;
-            (
-                stdout.bytes.len() as u64,
-                stdout.bytes[..stdout.bytes.len().min(512)].to_vec(),
-            )
-        }
-    };
-    let content_type = progress
-        .content_type
-        .clone()
-        .or_else(|| spec.content_type.clone())
-        .unwrap_or_else(|| sniff(&head).into());
-    Ok(Some(ResultInfo {
-        content_type,
-        bytes: len,
-    }))
+        true
+    })
+    .await
 }
-
-fn read_head(path: &Path) -> Vec<u8> {
-    use std::io::Read;
-    let mut head = Vec::new();
-    if let Ok(f) = fs::File::open(path) {
-        let _ = f.take(512).read_to_end(&mut head);
-    }
-    head
-}
-
-/// A content type from the first bytes of a result.
-pub fn sniff(head: &[u8]) -> &'static str {
-    let text = String::from_utf8_lossy(head);
-    let t = text.trim_start().to_ascii_lowercase();
-    if head.starts_with(b"%PDF-") {
-        "application/pdf"
-    } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
-        "image/png"
-    } else if head.starts_with(b"\xff\xd8\xff") {
-        "image/jpeg"
-    } else if head.starts_with(b"GIF8") {
-        "image/gif"
-    } else if t.starts_with("<?xml") {
-        "application/xml"
-    } else if t.starts_with("<!doctype html") || t.starts_with("<html") {
-        "text/html; charset=utf-8"
-    } else if t.starts_with('{') || t.starts_with('[') {
-        "application/json"
-    } else if std::str::from_utf8(head).is_ok()
-        || head.len() >= 509 && std::str::from_utf8(&head[..head.len() - 3]).is_ok()
-    {
-        "text/plain; charset=utf-8"
-    } else {
-        "application/octet-stream"
-    }
-}
-
-/// Records the verdict: status first (fsync'd), then the claim is let go.
-fn finish(
-    sh: &Shared,
-    id: &EventId,
-    env: &Envelope,
-    st: Status,
-    verdict: Verdict,
-    result: Option<ResultInfo>,
-) -> Result<(), SpoolError> {
-    let spool = &sh.spool;
-    let mut next = st.next();
-    let attempts_left = st.attempt < st.max_attempts;
-    match verdict {
-        Verdict::Abandon => {
-            tracing::warn!("lost the claim to another host; this host stops acting for the event");
-            return Ok(());
-        }
-        Verdict::Requeue(why) => {
-            next.state = State::Queued;
-            next.message = Some(why);
-            next.max_attempts += 1;
-            return requeue(sh, id, env, next, None);
-        }
-        Verdict::Exhausted(why) => {
-            next.state = State::Failed;
-            next.error = Some(why);
-            next.dead_letter = true;
-        }
-        Verdict::Retryable(why) if attempts_left => {
-            let delay = backoff(&sh.settings, st.attempt);
-            next.state = State::Queued;
-            next.error = Some(why);
-            next.retry_at = Some(Timestamp::now().plus(delay));
-            Metrics::inc(&sh.metrics.retried);
-            tracing::info!(error = ?next.error, retry_in = ?delay, "attempt failed; will retry");
-            let at = next.retry_at;
-            return requeue(sh, id, env, next, at);
-        }
-        Verdict::Retryable(why) => {
-            next.state = State::Failed;
-            next.error = Some(format!("{why}; gave up after {} attempts", st.attempt));
-            next.dead_letter = true;
-        }
-        Verdict::Final(state, why) => {
-            next.state = state;
-            next.error = Some(why);
-        }
-        Verdict::Succeeded => {
-            next.state = State::Succeeded;
-            next.progress = Some(100.0);
-            next.result = result;
-        }
-    }
-    next.finished_at = Some(next.updated_at);
-    if !spool.holds(id) {
-        tracing::warn!("the claim vanished before the final status was written; not recording it");
-        return Ok(());
-    }
-    spool.write_status(&next, Durability::Durable)?;
-    sh.hub.publish(&next);
-    count_final(sh, &next);
-    tracing::info!(state = next.state.as_str(), error = ?next.error, "event finished");
-    if next.dead_letter {
-        let letter = DeadLetter {
-            id: id.to_string(),
-            kind: env.kind.clone(),
-            attempts: next.attempt,
-            error: next.error.clone(),
-            at: Timestamp::now(),
-        };
-        spool.dead_letter(id, &letter)
-    } else {
-        spool.release(id)
-    }
-}
-
-fn requeue(
-    sh: &Shared,
-    id: &EventId,
-    env: &Envelope,
-    status: Status,
-    at: Option<Timestamp>,
-) -> Result<(), SpoolError> {
-    if !sh.spool.holds(id) {
-        return Ok(());
-    }
-    sh.spool.write_status(&status, Durability::Durable)?;
-    sh.hub.publish(&status);
-    let entry = QueueEntry {
-        kind: env.kind.clone(),
-        not_before_ms: at.map(Timestamp::unix_ms),
-    };
-    sh.spool.requeue(id, &entry)?;
-    sh.dispatch.queued(id.clone(), entry);
-    Ok(())
-}
-
-fn count_final(sh: &Shared, st: &Status) {
-    let m = &sh.metrics;
-    Metrics::inc(match st.state {
-        State::Succeeded => &m.succeeded,
-        State::TimedOut => &m.timed_out,
-        State::Cancelled => &m.cancelled,
-        _ => &m.failed,
-    });
-    if st.dead_letter {
-        Metrics::inc(&m.dead_lettered);
-    }
-}
-
-/// Cancels an event that sits in the queue by claiming it, so that only its
-/// owner ever writes its status. False: it is not in the queue (running, or gone).
-pub fn cancel_queued(sh: &Shared, id: &EventId) -> Result<bool, SpoolError> {
-    if !sh.spool.claim(id)? {
-        return Ok(false);
-    }
-    let Some((env, status)) = load(sh, id).ok().flatten() else {
-        sh.spool.release(id)?;
-        return Ok(false);
-    };
-    if status.state.is_terminal() {
-        sh.spool.release(id)?;
-        return Ok(false);
-    }
-    cancel_unstarted(sh, id, &env, status)?;
-    Ok(true)
-}
-
-fn cancel_unstarted(
-    sh: &Shared,
-    id: &EventId,
-    env: &Envelope,
-    status: Status,
-) -> Result<(), SpoolError> {
-    let verdict = Verdict::Final(State::Cancelled, "cancelled before it started".into());
-    finish(sh, id, env, status, verdict, None)
-}
+pub use super::outcome::cancel_queued;

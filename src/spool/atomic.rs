@@ -30,13 +30,15 @@ pub struct AtomicWriter {
     fsync: bool,
 }
 
-/// How much a write must survive.
+/// How much a write must survive (when fsync is enabled in the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
-    /// fsync the file and its directory (when fsync is enabled in the config).
+    /// fsync the file and its directory: the new name survives a power cut.
     Durable,
-    /// Atomic but not fsync'd: fine to lose in a crash (progress updates).
-    Volatile,
+    /// fsync the file only: after a power cut the name may show the previous
+    /// version, but never a torn or empty file (renaming unsynced data can
+    /// leave an empty file on XFS, or on ext4 mounted noauto_da_alloc).
+    DataOnly,
 }
 
 impl AtomicWriter {
@@ -54,10 +56,6 @@ impl AtomicWriter {
         &self.prefix
     }
 
-    pub fn fsync_enabled(&self) -> bool {
-        self.fsync
-    }
-
     /// A fresh, unused path in `tmp/`.
     pub fn staging_path(&self, suffix: &str) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -65,19 +63,15 @@ impl AtomicWriter {
     }
 
     /// Writes `bytes` to a new staging file and returns its path.
-    pub fn stage(&self, bytes: &[u8], suffix: &str, durability: Durability) -> io::Result<PathBuf> {
+    pub fn stage(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
         let path = self.staging_path(suffix);
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)?;
-        let written = file.write_all(bytes).and_then(|()| {
-            if self.syncs(durability) {
-                file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let written =
+            file.write_all(bytes)
+                .and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             let _ = fs::remove_file(&path);
             return Err(e);
@@ -87,7 +81,7 @@ impl AtomicWriter {
 
     /// Replaces `dest` with `bytes` in one step.
     pub fn replace(&self, dest: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
-        let staged = self.stage(bytes, "", durability)?;
+        let staged = self.stage(bytes, "")?;
         if let Err(e) = rename_checked(&staged, dest) {
             let _ = fs::remove_file(&staged);
             return Err(e);
@@ -102,7 +96,7 @@ impl AtomicWriter {
         bytes: &[u8],
         durability: Durability,
     ) -> io::Result<bool> {
-        let staged = self.stage(bytes, "", durability)?;
+        let staged = self.stage(bytes, "")?;
         let created = publish_staged(&staged, dest);
         let _ = fs::remove_file(&staged);
         let created = created?;
@@ -138,6 +132,52 @@ pub fn publish_staged(staged: &Path, dest: &Path) -> io::Result<bool> {
             Ok(true)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Moves `from` to `to` unless `to` exists (then `AlreadyExists`). One step
+/// where the filesystem supports `RENAME_NOREPLACE` (ext4, xfs, btrfs, tmpfs);
+/// elsewhere (NFS, FUSE) a check then a rename, whose window only a
+/// hand-made file could fall into: spoold never creates a name it is about
+/// to rename onto.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
+    let ino = fs::symlink_metadata(from).map(|m| m.ino()).ok();
+    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    let err = if rc == 0 {
+        return Ok(());
+    } else {
+        io::Error::last_os_error()
+    };
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            rename_checked(from, to)
+        }
+        // A lost NFS reply: it may have happened after all.
+        _ if ino.is_some()
+            && !from.exists()
+            && ino == fs::symlink_metadata(to).map(|m| m.ino()).ok() =>
+        {
+            Ok(())
+        }
+        _ => Err(err),
     }
 }
 
@@ -178,7 +218,7 @@ mod tests {
         let w = writer(dir.path());
         let dest = dir.path().join("status.json");
         w.replace(&dest, b"one", Durability::Durable).unwrap();
-        w.replace(&dest, b"two", Durability::Volatile).unwrap();
+        w.replace(&dest, b"two", Durability::DataOnly).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }

@@ -1,73 +1,119 @@
 //! Claims and leases: who runs an event.
 //!
-//! A claim is `rename(queue/<id>, running/<host>/<id>)`. rename is atomic on
-//! every POSIX filesystem and on NFS, so when several dispatchers race for an
-//! entry exactly one succeeds; the others see ENOENT (or ESTALE on NFS) and
-//! move on. No locks for claims: NFS locking is too often missing or broken.
-//! (The only lock is `hosts/<host>.lock`, which keeps a second spoold with
-//! the same host id off the spool; see [`Spool::lock_host`].)
+//! A claim is a rename of `queue/<id>` to `running/<host>/<id>`. rename is
+//! atomic on every POSIX filesystem and on NFS, so when several dispatchers
+//! race for an entry exactly one succeeds; the others see ENOENT (or ESTALE on
+//! NFS) and move on. No locks for claims: NFS locking is too often missing or
+//! broken. (The only lock is `hosts/<host>.lock`, which keeps a second spoold
+//! with the same host id off the spool; see [`Spool::lock_host`].)
 //!
 //! The claim file's mtime is the lease: its owner touches it while it runs the
 //! event. A claim whose mtime is older than `lease_ttl` by the shared
 //! filesystem's own clock is stale, and anyone may move it back to `queue/`.
+//! The entry is touched *before* it is renamed, so a claim never appears with
+//! the old mtime of an entry that waited long in the queue.
+//!
+//! A [`ClaimToken`] is the claim file's inode: the owner checks it before it
+//! acts, so a claim file that someone else made after a takeover is never
+//! mistaken for its own. Claim files are rewritten in place (never replaced
+//! through a rename), so a write can never bring back a claim that was moved.
 //!
 //! The owner leaves the claim in one of three ways, each after writing the
 //! status that says why (so a crash in between is repaired by recovery):
-//! [`Spool::release`] (terminal), [`Spool::requeue`] (retry later) or
-//! [`Spool::dead_letter`] (terminal, gave up).
+//! [`Spool::release`] (final), [`Spool::requeue`] (retry later; one rename)
+//! or [`Spool::dead_letter`] (final, gave up).
 
-use std::fs;
-use std::io;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::atomic::{rename_checked, Durability};
+use super::atomic::{rename_noreplace, Durability};
 use super::ids::EventId;
 use super::records::{DeadLetter, QueueEntry};
-use super::{is_gone, IoContext, Result, Spool, SpoolError};
+use super::{is_gone, IoContext, Result, Spool};
+
+/// Proof of holding a claim: the inode of the claim file this host made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimToken(u64);
 
 impl Spool {
-    /// Tries to claim `queue/<id>` for this host. False: someone else has it.
-    pub fn claim(&self, id: &EventId) -> Result<bool> {
+    /// Tries to claim `queue/<id>` for this host. `None`: someone else has it.
+    pub fn claim(&self, id: &EventId) -> Result<Option<ClaimToken>> {
         let from = self.queue_path(id);
         let to = self.running_path(id);
-        match rename_checked(&from, &to) {
-            Ok(()) => {
-                // rename keeps the entry's mtime, which may be old enough to
-                // look like an expired lease to other hosts: start it afresh.
-                let _ = touch(&to);
-                Ok(true)
+        // Refresh the lease first: rename keeps the mtime, and an entry that
+        // waited longer than lease_ttl would look expired to other hosts.
+        match touch(&from) {
+            Err(e) if is_gone(&e) => return Ok(None),
+            other => other.at("claim", &from)?,
+        }
+        let mut moved = rename_noreplace(&from, &to);
+        if matches!(&moved, Err(e) if is_gone(e)) && from.exists() {
+            // The source is there, so the destination directory is missing
+            // (removed by hand): make it again rather than never running anything.
+            tracing::warn!(dir = %self.running_dir().display(), "this host's running/ directory was missing; recreated it");
+            fs::create_dir_all(self.running_dir()).at("create", &self.running_dir())?;
+            moved = rename_noreplace(&from, &to);
+        }
+        match moved {
+            Ok(()) => Ok(self.claim_token(id)),
+            Err(e) if is_gone(&e) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                tracing::error!(%id, "a claim file for this event already exists on this host; leaving the queue entry alone");
+                Ok(None)
             }
-            Err(e) if is_gone(&e) => Ok(false),
-            Err(e) => Err(SpoolError::Io {
-                op: "claim",
-                path: from,
-                source: e,
-            }),
+            Err(e) => Err(e).at("claim", &from),
         }
     }
 
-    /// True while this host still holds the claim on `id`.
-    pub fn holds(&self, id: &EventId) -> bool {
-        self.running_path(id).exists()
+    /// The token of this host's claim on `id` as it is on disk now (for
+    /// claims found at start-up, made by a previous life of this host).
+    pub fn claim_token(&self, id: &EventId) -> Option<ClaimToken> {
+        fs::symlink_metadata(self.running_path(id))
+            .ok()
+            .map(|m| ClaimToken(m.ino()))
+    }
+
+    /// True while this host still holds this very claim.
+    pub fn holds(&self, id: &EventId, token: ClaimToken) -> bool {
+        self.claim_token(id) == Some(token)
+    }
+
+    /// Rewrites the claim file in place (keeping its inode). False when the
+    /// claim is no longer ours.
+    pub fn rewrite_claim(&self, id: &EventId, token: ClaimToken, bytes: &[u8]) -> Result<bool> {
+        let path = self.running_path(id);
+        if !self.holds(id, token) {
+            return Ok(false);
+        }
+        // No O_CREAT: if the claim was moved away meanwhile, this fails
+        // instead of making a second claim.
+        let mut file = match OpenOptions::new().write(true).truncate(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if is_gone(&e) => return Ok(false),
+            Err(e) => return Err(e).at("rewrite", &path),
+        };
+        file.write_all(bytes).at("rewrite", &path)?;
+        if self.writer().syncs(Durability::DataOnly) {
+            file.sync_data().at("sync", &path)?;
+        }
+        Ok(true)
     }
 
     /// Reads a queue (or claim) entry. `Ok(None)`: gone, or not valid JSON
-    /// (an entry is written atomically, so invalid means hand-made).
+    /// (an entry is written whole, so invalid means hand-made or torn).
     pub fn read_entry(&self, path: &Path) -> Result<Option<QueueEntry>> {
         match fs::read(path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if is_gone(&e) => Ok(None),
-            Err(e) => Err(SpoolError::Io {
-                op: "read",
-                path: path.to_owned(),
-                source: e,
-            }),
+            Err(e) => Err(e).at("read", path),
         }
     }
 
-    /// Lists `queue/`: IDs with their file names; names that are not IDs are
-    /// returned apart so the caller can report them.
+    /// Lists `queue/`: IDs, and apart from them the names that are not IDs
+    /// (so the caller can report them).
     pub fn list_queue(&self) -> Result<(Vec<EventId>, Vec<PathBuf>)> {
         list_ids(&self.dir("queue"))
     }
@@ -77,55 +123,74 @@ impl Spool {
         list_ids(&self.running_dir())
     }
 
-    /// Refreshes the lease on a claim. False when the claim is gone (taken over).
-    pub fn touch_claim(&self, id: &EventId) -> Result<bool> {
+    /// Refreshes the lease on a claim. False when the claim is no longer ours.
+    pub fn touch_claim(&self, id: &EventId, token: ClaimToken) -> Result<bool> {
+        if !self.holds(id, token) {
+            return Ok(false);
+        }
         let path = self.running_path(id);
         match touch(&path) {
             Ok(()) => Ok(true),
             Err(e) if is_gone(&e) => Ok(false),
-            Err(e) => Err(SpoolError::Io {
-                op: "refresh the lease on",
-                path,
-                source: e,
-            }),
+            Err(e) => Err(e).at("refresh the lease on", &path),
         }
     }
 
     /// Puts a claimed event back in the queue with `entry` (e.g. a not-before
-    /// time), then drops the claim. The status must already say `queued`.
-    pub fn requeue(&self, id: &EventId, entry: &QueueEntry) -> Result<()> {
-        let dest = self.queue_path(id);
+    /// time), in one step: the claim file becomes the queue entry, by rename.
+    /// The status must already say `queued`. False: the claim was not ours.
+    pub fn requeue(&self, id: &EventId, token: ClaimToken, entry: &QueueEntry) -> Result<bool> {
         let bytes = serde_json::to_vec(entry).expect("serializable");
-        // link() semantics: if an entry is already queued for this ID (a crash
-        // between these two steps last time), keep it.
+        if !self.rewrite_claim(id, token, &bytes)? {
+            return Ok(false);
+        }
+        let (from, to) = (self.running_path(id), self.queue_path(id));
+        match rename_noreplace(&from, &to) {
+            Ok(()) => {}
+            Err(e) if is_gone(&e) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Someone queued it by hand meanwhile: one entry is enough.
+                tracing::warn!(%id, "the event was already back in queue/; dropping this host's claim");
+                self.release(id, token)?;
+            }
+            Err(e) => return Err(e).at("requeue", &from),
+        }
         self.writer()
-            .create_new(&dest, &bytes, Durability::Durable)
-            .at("requeue", &dest)?;
-        self.release(id)
+            .sync_parent(&to, Durability::Durable)
+            .at("sync", &self.dir("queue"))?;
+        Ok(true)
     }
 
     /// Drops this host's claim on `id`. The status must already be final.
-    pub fn release(&self, id: &EventId) -> Result<()> {
+    pub fn release(&self, id: &EventId, token: ClaimToken) -> Result<()> {
+        if !self.holds(id, token) {
+            return Ok(());
+        }
         let path = self.running_path(id);
         match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(SpoolError::Io {
-                op: "release",
-                path,
-                source: e,
-            }),
+            Err(e) if !is_gone(&e) => Err(e).at("release", &path),
+            _ => Ok(()),
         }
     }
 
     /// Records a dead letter, then drops the claim. The status must be final.
-    pub fn dead_letter(&self, id: &EventId, letter: &DeadLetter) -> Result<()> {
+    pub fn dead_letter(&self, id: &EventId, token: ClaimToken, letter: &DeadLetter) -> Result<()> {
         let path = self.dead_path(id);
         let bytes = serde_json::to_vec_pretty(letter).expect("serializable");
         self.writer()
             .replace(&path, &bytes, Durability::Durable)
             .at("write", &path)?;
-        self.release(id)
+        self.release(id, token)
+    }
+
+    /// Moves another host's claim back to `queue/` (a takeover). Exactly one
+    /// of several hosts racing for it succeeds; false for the others.
+    pub fn take_over(&self, claim: &Path, id: &EventId) -> Result<bool> {
+        match rename_noreplace(claim, &self.queue_path(id)) {
+            Ok(()) => Ok(true),
+            Err(e) if is_gone(&e) || e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e).at("take over", claim),
+        }
     }
 
     /// The shared filesystem's idea of "now": the mtime of a file just

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
-use super::ids::{EventId, HandlerType};
+use super::ids::HandlerType;
 
 /// A point in time, written as RFC 3339 UTC with milliseconds.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -224,7 +224,14 @@ pub struct DeadLetter {
     pub at: Timestamp,
 }
 
-/// Parses an event ID that must name an event directory.
-pub fn event_id_of(env: &Envelope) -> Option<EventId> {
-    EventId::parse(&env.id).ok()
+impl DeadLetter {
+    pub fn new(id: &str, kind: &str, attempts: u32, error: Option<String>) -> DeadLetter {
+        DeadLetter {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            attempts,
+            error,
+            at: Timestamp::now(),
+        }
+    }
 }

@@ -24,19 +24,39 @@ use serde::{Deserialize, Serialize};
 
 use super::atomic::Durability;
 use super::ids::EventId;
-use super::records::{DeadLetter, QueueEntry, State, Timestamp};
+use super::records::{DeadLetter, QueueEntry, State, Status, Timestamp};
 use super::submit::JOURNAL_MARK;
-use super::{is_gone, IoContext, Result, Spool};
+use super::{is_gone, IoContext, Result, Spool, SpoolError};
 
 const FOREIGN_TMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// What a claim file holds while its handler runs: enough to find the
 /// handler's process group again after a crash.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ProcessMark {
     pub pid: i32,
     /// Start time of the process in clock ticks since boot (/proc/<pid>/stat field 22).
     pub start: u64,
+    /// The kernel's boot id: a pid from before a reboot names nothing of ours.
+    #[serde(default)]
+    pub boot: Option<String>,
+}
+
+impl ProcessMark {
+    /// The mark of a running process, if it can be read.
+    pub fn of(pid: i32) -> Option<ProcessMark> {
+        Some(ProcessMark {
+            pid,
+            start: process_start(pid)?,
+            boot: boot_id(),
+        })
+    }
+}
+
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,21 +78,27 @@ pub struct Recovered {
 }
 
 impl Spool {
-    pub fn recover(&self) -> Result<Recovered> {
+    /// Repairs what a previous life of this host left. `lease_ttl` tells how
+    /// old another host's unfinished submit must be to count as abandoned.
+    pub fn recover(&self, lease_ttl: Duration) -> Result<Recovered> {
         let mut done = Recovered::default();
-        self.recover_tmp(&mut done)?;
+        self.recover_tmp(lease_ttl, &mut done)?;
         self.recover_claims(&mut done)?;
         Ok(done)
     }
 
-    fn recover_tmp(&self, done: &mut Recovered) -> Result<()> {
+    fn recover_tmp(&self, lease_ttl: Duration, done: &mut Recovered) -> Result<()> {
         let tmp = self.dir("tmp");
         let own = format!("{}.", self.host());
         for entry in fs::read_dir(&tmp).at("list", &tmp)? {
             let entry = entry.at("list", &tmp)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if name.starts_with(&own) {
+            let mine = name.starts_with(&own);
+            // Another host's submit journal, old enough that its host must have
+            // died mid-submit: finish it for them, or the event never runs.
+            let abandoned = !mine && is_older_than(&path, lease_ttl * 3);
+            if mine || abandoned {
                 if let Some(id) = name
                     .split_once(JOURNAL_MARK)
                     .and_then(|(_, id)| EventId::parse(id).ok())
@@ -83,11 +109,14 @@ impl Spool {
                         done.published += 1;
                     }
                 }
-            } else if !is_older_than(&path, FOREIGN_TMP_AGE) {
-                continue;
             }
-            remove_any(&path);
-            done.staging_removed += 1;
+            if mine
+                || is_older_than(&path, FOREIGN_TMP_AGE)
+                || (abandoned && name.contains(JOURNAL_MARK))
+            {
+                remove_any(&path);
+                done.staging_removed += 1;
+            }
         }
         Ok(())
     }
@@ -108,88 +137,109 @@ impl Spool {
             tracing::warn!(path = %stray.display(), "ignoring a file in running/ that is not an event ID; remove it by hand");
         }
         for id in ids {
-            let path = self.running_path(&id);
-            let record: Option<ClaimRecord> = fs::read(&path)
+            let record: Option<ClaimRecord> = fs::read(self.running_path(&id))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(mark) = record.as_ref().and_then(|r| r.process) {
-                if kill_leftover_group(mark) {
+            if let Some(mark) = record.as_ref().and_then(|r| r.process.clone()) {
+                if kill_leftover_group(&mark) {
                     tracing::warn!(%id, pid = mark.pid, "killed a handler left running by the previous spoold");
                     done.killed_groups += 1;
                 }
             }
-            self.recover_claim(&id, record.map(|r| r.entry), done)?;
+            match self.recover_claim(&id, record.map(|r| r.entry))? {
+                Some(true) => done.requeued += 1,
+                Some(false) => done.released += 1,
+                None => {}
+            }
         }
         Ok(())
     }
 
-    fn recover_claim(
-        &self,
-        id: &EventId,
-        entry: Option<QueueEntry>,
-        done: &mut Recovered,
-    ) -> Result<()> {
-        let status = match self.read_status(id) {
-            Ok(s) => s,
+    /// Settles one claim of this host that no runner holds: put back in the
+    /// queue (`Some(true)`), dropped because its status is final
+    /// (`Some(false)`), or `None` when it was gone or dead-lettered.
+    pub fn recover_claim(&self, id: &EventId, entry: Option<QueueEntry>) -> Result<Option<bool>> {
+        let Some(token) = self.claim_token(id) else {
+            return Ok(None);
+        };
+        let status = match self.status_or_rebuild(id) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::warn!(%id, "dropping a claim whose event directory is gone");
+                self.release(id, token)?;
+                return Ok(None);
+            }
             Err(e) => {
-                tracing::error!(%id, error = %e, "claimed event is damaged; moving it to the dead letters");
-                let letter = DeadLetter {
-                    id: id.to_string(),
-                    kind: entry.map(|e| e.kind).unwrap_or_default(),
-                    attempts: 0,
-                    error: Some(e.to_string()),
-                    at: Timestamp::now(),
-                };
-                return self.dead_letter(id, &letter);
+                tracing::error!(%id, error = %e, "claimed event cannot be read; moving it to the dead letters");
+                let kind = entry.map(|e| e.kind).unwrap_or_default();
+                self.dead_letter(
+                    id,
+                    token,
+                    &DeadLetter::new(id.as_str(), &kind, 0, Some(e.to_string())),
+                )?;
+                return Ok(None);
             }
         };
-        match status {
-            Some(s) if s.state.is_terminal() => {
-                self.release(id)?;
-                done.released += 1;
-            }
-            Some(s) => {
-                let mut next = s.next();
-                next.state = State::Queued;
-                next.message = Some(format!(
-                    "requeued: spoold on host {} restarted during attempt {}",
-                    self.host(),
-                    s.attempt
-                ));
-                self.write_status(&next, Durability::Durable)?;
-                let entry = entry.unwrap_or(QueueEntry {
-                    kind: s.kind.clone(),
-                    not_before_ms: None,
-                });
-                self.requeue(
-                    id,
-                    &QueueEntry {
-                        not_before_ms: None,
-                        ..entry
-                    },
-                )?;
-                tracing::info!(%id, attempt = s.attempt, "requeued an event this host was running when it stopped");
-                done.requeued += 1;
-            }
-            None => {
-                tracing::warn!(%id, "dropping a claim whose event directory is gone");
-                self.release(id)?;
-            }
+        if status.state.is_terminal() {
+            self.release(id, token)?;
+            return Ok(Some(false));
         }
-        Ok(())
+        let mut next = status.next();
+        next.state = State::Queued;
+        next.message = Some(format!(
+            "requeued: spoold on host {} restarted during attempt {}",
+            self.host(),
+            status.attempt
+        ));
+        self.write_status(&next, Durability::Durable)?;
+        let entry = QueueEntry {
+            kind: status.kind.clone(),
+            not_before_ms: None,
+        };
+        self.requeue(id, token, &entry)?;
+        tracing::info!(%id, attempt = status.attempt, "requeued an event this host was running when it stopped");
+        Ok(Some(true))
+    }
+
+    /// The status; a `status.json` that cannot be parsed (torn by hand, or by
+    /// a filesystem that lost data) is rebuilt from `event.json`, with the
+    /// attempt count started afresh, rather than losing the event.
+    pub fn status_or_rebuild(&self, id: &EventId) -> Result<Option<Status>> {
+        match self.read_status(id) {
+            Err(SpoolError::Damaged { path, detail }) if path.ends_with("status.json") => {
+                let Some(env) = self.read_envelope(id)? else {
+                    return Ok(None);
+                };
+                let mut status = Status::initial(&env);
+                status.seq = 1;
+                status.updated_at = Timestamp::now();
+                status.message = Some("status.json was damaged and has been rebuilt from event.json; the attempt count starts again".into());
+                tracing::warn!(%id, %detail, "status.json was damaged; rebuilt it from event.json");
+                self.write_status(&status, Durability::Durable)?;
+                Ok(Some(status))
+            }
+            other => other,
+        }
     }
 }
 
 /// Kills the process group of a handler started by a previous spoold, if it
 /// is still there. The start time guards against a recycled pid.
-fn kill_leftover_group(mark: ProcessMark) -> bool {
-    if mark.pid <= 1 {
+fn kill_leftover_group(mark: &ProcessMark) -> bool {
+    if mark.pid <= 1
+        || mark
+            .boot
+            .as_ref()
+            .is_some_and(|b| Some(b) != boot_id().as_ref())
+    {
         return false;
     }
     let leader_is_ours = match process_start(mark.pid) {
         Some(start) => start == mark.start,
-        // The leader is gone; while any member of its group lives, the kernel
-        // will not hand its pid out again, so a group with this id is ours.
+        // The leader is gone. While any member of its group lives the kernel
+        // does not hand its number out again, so a group with this id is ours,
+        // unless the whole group ended and the number came round again to a
+        // new group leader since (pids wrap only after ~4 million starts).
         None => true,
     };
     // SAFETY: plain kill(2) on a negative pid (a process group).

@@ -138,11 +138,7 @@ impl Spool {
         let w = self.writer();
         let entry_bytes = serde_json::to_vec(entry).expect("serializable");
         let journal = w
-            .stage(
-                &entry_bytes,
-                &format!("{JOURNAL_MARK}{id}"),
-                Durability::Durable,
-            )
+            .stage(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
             .at("stage a queue entry in", &self.dir("tmp"))?;
         let result = self.place_event_dir(id, env).and_then(|placed| {
             if placed {

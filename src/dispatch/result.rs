@@ -1,0 +1,115 @@
+//! The result of a successful attempt: the file the handler wrote to
+//! `$SPOOL_RESULT`, or else its standard output, capped at `max_result_bytes`,
+//! with a content type from progress.json, then `T.toml`, then sniffed.
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use super::handlers::HandlerSpec;
+use super::process::Captured;
+use crate::app::Shared;
+use crate::spool::atomic::Durability;
+use crate::spool::ids::EventId;
+use crate::spool::records::ResultInfo;
+
+/// Keeps the result. `Err` is a sentence for the status's `error`.
+pub fn store(
+    sh: &Shared,
+    id: &EventId,
+    spec: &HandlerSpec,
+    reported_type: Option<String>,
+    stdout: Captured,
+) -> Result<Option<ResultInfo>, String> {
+    let path = sh.spool.event_dir(id).join("result");
+    let cap = sh.settings.max_result_bytes;
+    let (len, head) = match fs::metadata(&path) {
+        Ok(m) if m.len() > cap => {
+            return Err(format!(
+                "the result file is {} bytes, over max_result_bytes ({cap})",
+                m.len()
+            ))
+        }
+        Ok(m) => (m.len(), read_head(&path)),
+        Err(_) if stdout.bytes.is_empty() => return Ok(None),
+        Err(_) => {
+            sh.spool
+                .write_event_file(id, "result", &stdout.bytes, Durability::Durable)
+                .map_err(|e| format!("could not store the result: {e}"))?;
+            (
+                stdout.bytes.len() as u64,
+                stdout.bytes[..stdout.bytes.len().min(512)].to_vec(),
+            )
+        }
+    };
+    let content_type = reported_type
+        .or_else(|| spec.content_type.clone())
+        .unwrap_or_else(|| sniff(&head).into());
+    Ok(Some(ResultInfo {
+        content_type,
+        bytes: len,
+    }))
+}
+
+fn read_head(path: &Path) -> Vec<u8> {
+    let mut head = Vec::new();
+    if let Ok(f) = fs::File::open(path) {
+        let _ = f.take(512).read_to_end(&mut head);
+    }
+    head
+}
+
+/// A content type from the first bytes of a result.
+pub fn sniff(head: &[u8]) -> &'static str {
+    let text = String::from_utf8_lossy(head);
+    let t = text.trim_start().to_ascii_lowercase();
+    if head.starts_with(b"%PDF-") {
+        "application/pdf"
+    } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "image/png"
+    } else if head.starts_with(b"\xff\xd8\xff") {
+        "image/jpeg"
+    } else if head.starts_with(b"GIF8") {
+        "image/gif"
+    } else if t.starts_with("<?xml") {
+        "application/xml"
+    } else if t.starts_with("<!doctype html") || t.starts_with("<html") {
+        "text/html; charset=utf-8"
+    } else if t.starts_with('{') || t.starts_with('[') {
+        "application/json"
+    } else if is_utf8_allowing_a_cut_char(head) {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// UTF-8, where the 512-byte head may end in the middle of a character.
+fn is_utf8_allowing_a_cut_char(head: &[u8]) -> bool {
+    match std::str::from_utf8(head) {
+        Ok(_) => true,
+        Err(e) => e.error_len().is_none() && head.len() >= 509,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff;
+
+    #[test]
+    fn sniffing_knows_common_results() {
+        assert_eq!(sniff(b"  {\"a\": 1}"), "application/json");
+        assert_eq!(sniff(b"<?xml version=\"1.0\"?><r/>"), "application/xml");
+        assert_eq!(sniff(b"<!DOCTYPE html><p>"), "text/html; charset=utf-8");
+        assert_eq!(sniff(b"%PDF-1.7"), "application/pdf");
+        assert_eq!(sniff(b"plain words"), "text/plain; charset=utf-8");
+        assert_eq!(sniff(b"\x00\xff\xfe"), "application/octet-stream");
+        let mut cut = "é".repeat(255).into_bytes();
+        cut.push(0xc3);
+        assert_eq!(
+            sniff(&cut),
+            "text/plain; charset=utf-8",
+            "a character cut at 512 bytes is still text"
+        );
+    }
+}
