@@ -653,3 +653,57 @@ fn a_graceful_stop_during_the_last_attempt_does_not_use_it_up() {
     assert_eq!(lines(&srv, "attempts"), ["1", "2"]);
     assert_spool_settles(&srv);
 }
+
+#[test]
+fn a_torn_status_json_is_rebuilt_from_event_json_and_the_event_still_runs() {
+    let mut srv = common::server()
+        .handler("torn", &script(LAST_ATTEMPT))
+        .start();
+    let id = srv.submit("torn", "{}");
+    let pidfile = tdir(&srv).join("pid");
+    wait_until(secs(10), "the handler to start", || pidfile.exists());
+    let _reap = Reap(vec![read_pid(&pidfile).unwrap()]);
+    srv.kill9();
+    // What a filesystem that lost unsynced data after a power cut can leave.
+    fs::write(srv.spool.join("events").join(&id).join("status.json"), b"").unwrap();
+    release(&srv, "go");
+    srv.restart();
+    let st = srv.wait_final(&id, secs(10));
+    assert_eq!(state(&st), "succeeded", "{st}");
+    assert!(
+        srv.log()
+            .contains("status.json was damaged; rebuilt it from event.json"),
+        "the log says what happened"
+    );
+    assert_spool_settles(&srv);
+}
+
+#[test]
+fn a_claim_of_this_host_that_no_runner_holds_goes_back_to_the_queue() {
+    let srv = common::server()
+        .handler("lost", "#!/bin/sh\necho found\n")
+        .config("lease_ttl = \"1s\"")
+        .start();
+    // A claim left behind while spoold runs (a runner that could not finish
+    // its work): the event's files, and a claim whose lease ran out long ago.
+    let id = common::make_ulid();
+    common::write_event_by_hand(&srv.spool, &id, "lost", "{}");
+    let claim = srv.spool.join("running").join("testhost").join(&id);
+    fs::write(&claim, r#"{"type":"lost"}"#).unwrap();
+    let old = libc::timespec {
+        tv_sec: 1_000_000_000,
+        tv_nsec: 0,
+    };
+    let path = std::ffi::CString::new(claim.to_str().unwrap()).unwrap();
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), [old, old].as_ptr(), 0) },
+        0
+    );
+    let st = srv.wait_final(&id, secs(10));
+    assert_eq!(state(&st), "succeeded", "{st}");
+    assert_eq!(srv.get(&format!("/events/{id}/result")).text(), "found\n");
+    assert!(srv
+        .log()
+        .contains("moved a claim whose lease expired back to the queue"));
+    assert_spool_settles(&srv);
+}
