@@ -83,11 +83,6 @@ impl Hub {
             .map(|(id, tx)| (id.clone(), tx.borrow().seq))
             .collect()
     }
-
-    pub fn subscriber_count(&self) -> usize {
-        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        channels.values().map(|tx| tx.receiver_count()).sum()
-    }
 }
 
 /// Replaces the channel's value when `status` is newer.

@@ -16,10 +16,11 @@
 //! Invariants:
 //! - every file is written through [`atomic::AtomicWriter`]; nothing is ever
 //!   seen half-written under its final name;
-//! - `queue/<id>` is only created with link() (never overwritten); a claim is a
+//! - no name in `queue/` or `running/` is ever overwritten: entries are
+//!   created with link(), and moved with a no-replace rename; a claim is a
 //!   rename out of `queue/`, so exactly one claimer wins;
-//! - `status.json` has one writer: the holder of the claim (or the submitter,
-//!   before publication; see [`records`]);
+//! - `status.json` has one writer: the holder of the claim (checked by its
+//!   [`claim::ClaimToken`]); a submit writes none (see [`records`]);
 //! - nothing on a hot path lists `events/`.
 //!
 //! Submodules: [`ids`] (validated names), [`atomic`] (the write primitive),

@@ -2,9 +2,9 @@
 //! status (`status.json`), and queue entries (`queue/<id>`).
 //!
 //! `event.json` is written once and never changed. `status.json` has one
-//! writer at a time: the host that owns the event (its claim in `running/`),
-//! or the submitter before the event is published. Its `seq` grows by one on
-//! every write, which makes it the SSE `id` and the HTTP `ETag`.
+//! writer at a time: the host that owns the event (its claim in `running/`).
+//! Its `seq` grows by one on every write, which makes it the SSE `id` and the
+//! HTTP `ETag`.
 //!
 //! A freshly submitted event has no `status.json`: its status, `queued` with
 //! seq 0, follows from `event.json` alone ([`Status::initial`]). That saves one
