@@ -5,7 +5,7 @@
 //! Precedence: built-in defaults < `--config FILE` < command-line flags.
 //! Every option is documented in `docs/configuration.md`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -151,7 +151,14 @@ pub struct Settings {
     pub long_poll_max: Duration,
     pub shutdown_grace: Duration,
     pub header_timeout: Duration,
+    /// How long a client may take to send a request body.
+    pub body_timeout: Duration,
+    /// At most this many open connections. `main` lowers it at start to fit
+    /// the open-file limit (each connection is a file descriptor).
     pub max_connections: usize,
+    /// Host names (canonical, see [`canonical_host`]) this server answers to,
+    /// besides the loopback names when it listens on loopback.
+    pub allowed_hosts: Vec<String>,
     pub forward_headers: Vec<String>,
     pub pass_env: Vec<String>,
 }
@@ -191,7 +198,9 @@ impl Default for Settings {
             long_poll_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            allowed_hosts: Vec::new(),
             forward_headers: ["user-agent", "x-request-id", "traceparent", "content-type"]
                 .map(String::from)
                 .to_vec(),
@@ -234,22 +243,69 @@ struct FileConfig {
     long_poll_max: Option<String>,
     shutdown_grace: Option<String>,
     header_timeout: Option<String>,
+    body_timeout: Option<String>,
     max_connections: Option<usize>,
+    allowed_hosts: Option<Vec<String>>,
     forward_headers: Option<Vec<String>>,
     pass_env: Option<Vec<String>>,
 }
 
-/// Parses "30s", "1m 30s", "250ms"; a bare number means seconds.
+/// The longest duration any setting may have: 10 years (humantime's `"10y"`).
+/// Longer values are mistakes, and would overflow deadlines (`Instant + d`).
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
+
+/// Parses "30s", "1m 30s", "250ms"; a bare number means seconds. Refuses
+/// negative and non-finite numbers and anything over [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
+        return duration_from_secs(secs).with_context(|| format!("{s:?} is not a valid duration"));
     }
-    humantime::parse_duration(s).with_context(|| {
+    let d = humantime::parse_duration(s).with_context(|| {
         format!("{s:?} is not a duration; write e.g. \"30s\", \"5m\" or \"250ms\"")
-    })
+    })?;
+    if d > MAX_DURATION {
+        bail!("{s:?} is too long: durations are at most 10 years (\"10y\")");
+    }
+    Ok(d)
+}
+
+/// A number of seconds as a duration, with the checks of [`parse_duration`].
+pub fn duration_from_secs(secs: f64) -> anyhow::Result<Duration> {
+    if !secs.is_finite() {
+        bail!("{secs} seconds is not a finite number");
+    }
+    if secs < 0.0 {
+        bail!("{secs} seconds is negative");
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        bail!("{secs} seconds is too long: durations are at most 10 years (315576000 seconds)");
+    }
+    Duration::try_from_secs_f64(secs).with_context(|| format!("{secs} seconds is not a duration"))
+}
+
+/// A host name as the Host check compares it: lowercase, without a trailing
+/// dot, IPv6 addresses bracketed in canonical form (`[::1]`). None when it is
+/// not a host name or IP address (a port, a path, a user or a wildcard).
+pub fn canonical_host(name: &str) -> Option<String> {
+    let name = name.trim().to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    let inner = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    if let Ok(ip) = inner.parse::<Ipv6Addr>() {
+        return Some(format!("[{ip}]"));
+    }
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    ok.then(|| name.to_owned())
 }
 
 impl Settings {
@@ -323,6 +379,7 @@ impl Settings {
         dur("long_poll_max", f.long_poll_max, &mut self.long_poll_max)?;
         dur("shutdown_grace", f.shutdown_grace, &mut self.shutdown_grace)?;
         dur("header_timeout", f.header_timeout, &mut self.header_timeout)?;
+        dur("body_timeout", f.body_timeout, &mut self.body_timeout)?;
         let base = path.parent().unwrap_or(Path::new("."));
         set(&mut self.spool_dir, f.spool.map(|p| base.join(p)));
         set(&mut self.handlers_dir, f.handlers.map(|p| base.join(p)));
@@ -345,6 +402,19 @@ impl Settings {
                 .map(|v| v.into_iter().map(|h| h.to_ascii_lowercase()).collect()),
         );
         set(&mut self.pass_env, f.pass_env);
+        if let Some(hosts) = f.allowed_hosts {
+            self.allowed_hosts = hosts
+                .iter()
+                .map(|h| {
+                    canonical_host(h).with_context(|| {
+                        format!(
+                            "{}: allowed_hosts: {h:?} is not a host name; write a name or IP address without port, e.g. \"jobs.example.com\"",
+                            path.display()
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
+        }
         Ok(())
     }
 
@@ -383,6 +453,8 @@ impl Settings {
             ("sse_heartbeat", self.sse_heartbeat),
             ("shared_rescan_interval", self.shared_rescan_interval),
             ("gc_interval", self.gc_interval),
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
         ] {
             if d.is_zero() {
                 bail!("{name} must be greater than zero");
@@ -418,5 +490,68 @@ fn hostname() -> String {
         "localhost".into()
     } else {
         clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_are_capped_at_ten_years() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration(" 1.5 ").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("10y").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("315576000").unwrap(), MAX_DURATION);
+        for bad in ["11y", "3653d", "315576001", "1e300", "1000000000000y"] {
+            let e = format!("{:#}", parse_duration(bad).unwrap_err());
+            assert!(
+                e.contains("10 years") || e.contains("not a duration"),
+                "{bad}: {e}"
+            );
+        }
+        for bad in ["inf", "-inf", "NaN", "-1", "-0.5"] {
+            let e = format!("{:#}", parse_duration(bad).unwrap_err());
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn duration_from_secs_checks_like_parse_duration() {
+        assert_eq!(
+            duration_from_secs(0.25).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration_from_secs(0.0).unwrap(), Duration::ZERO);
+        for bad in [f64::NAN, f64::INFINITY, -1.0, 1e300, 315_576_000.5] {
+            assert!(duration_from_secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_names_are_canonical() {
+        assert_eq!(
+            canonical_host("Jobs.Example.COM.").as_deref(),
+            Some("jobs.example.com")
+        );
+        assert_eq!(canonical_host("::1").as_deref(), Some("[::1]"));
+        assert_eq!(canonical_host("[0:0::1]").as_deref(), Some("[::1]"));
+        assert_eq!(canonical_host("10.0.0.5").as_deref(), Some("10.0.0.5"));
+        for bad in [
+            "",
+            ".",
+            "*",
+            "*.example.com",
+            "a.com:8080",
+            "user@a.com",
+            "a/b",
+            "[1.2.3.4]",
+        ] {
+            assert_eq!(canonical_host(bad), None, "{bad}");
+        }
     }
 }

@@ -300,13 +300,13 @@ fn bodies_over_max_body_bytes_are_413_by_content_length_and_when_chunked() {
 
     // A huge declared length is refused at once, without waiting for the body.
     let t = Instant::now();
-    let raw = b"POST /events/cat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{\"s\": \"";
+    let raw = b"POST /events/cat HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{\"s\": \"";
     let r = common::raw_request(srv.addr, raw);
     assert_problem(&r, 413, "body-too-large");
     assert!(elapsed_ms(t) < 5000, "took {} ms", elapsed_ms(t));
 
     // Chunked, no length declared: over the cap in total.
-    let mut raw = b"POST /events/cat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut raw = b"POST /events/cat HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     let mut body = format!("{{\"s\": \"{}\"}}", "y".repeat(200)).into_bytes();
     for chunk in body.chunks(30) {
         raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
@@ -319,7 +319,7 @@ fn bodies_over_max_body_bytes_are_413_by_content_length_and_when_chunked() {
 
     // Chunked and under the cap: accepted, the handler sees the whole body.
     body = br#"{"chunked": [1, 2, 3]}"#.to_vec();
-    let mut raw = b"POST /events/cat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut raw = b"POST /events/cat HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for chunk in body.chunks(7) {
         raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
         raw.extend_from_slice(chunk);
@@ -643,7 +643,7 @@ fn non_finite_wait_is_a_400_problem_not_a_dropped_connection() {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
-            "GET /events/{id}?wait={wait} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET /events/{id}?wait={wait} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut out = Vec::new();

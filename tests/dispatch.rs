@@ -987,3 +987,27 @@ fn an_event_written_into_the_spool_by_hand_is_picked_up() {
     }
     assert!(common::names(&srv.spool.join("queue")).is_empty());
 }
+
+#[test]
+fn an_absurd_timeout_in_a_handler_toml_is_refused_and_dispatch_goes_on() {
+    let srv = common::server()
+        .handler("forever", "#!/bin/sh\necho never\n")
+        .handler("fine", "#!/bin/sh\necho fine\n")
+        .start();
+    let id = srv.submit("forever", "{}");
+    // Edited while an event of the type waits: neither submit nor dispatch may crash.
+    std::fs::write(srv.handlers.join("forever.toml"), "timeout = 1e20\n").unwrap();
+    let r = srv.post("/events/forever", "{}");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("forever.toml"), "{}", r.text());
+    let other = srv.submit("fine", "{}");
+    assert_eq!(
+        srv.wait_final(&other, Duration::from_secs(10))["state"],
+        "succeeded"
+    );
+    let st = srv.wait_final(&id, Duration::from_secs(10));
+    assert!(
+        st["state"] == "succeeded" || st["error"].as_str().unwrap_or("").contains("timeout"),
+        "{st}"
+    );
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::parse_duration;
+use crate::config::{duration_from_secs, parse_duration};
 use crate::spool::ids::HandlerType;
 
 /// How one handler runs: its executable and its `T.toml`.
@@ -71,8 +71,12 @@ pub fn resolve(dir: &Path, kind: &HandlerType) -> Result<HandlerSpec, HandlerErr
     };
     let timeout = match conf.timeout {
         None => None,
-        Some(toml::Value::Integer(n)) if n > 0 => Some(Duration::from_secs(n as u64)),
-        Some(toml::Value::Float(f)) if f > 0.0 && f.is_finite() => Some(Duration::from_secs_f64(f)),
+        Some(toml::Value::Integer(n)) if n > 0 => {
+            Some(duration_from_secs(n as f64).map_err(|e| bad(format!("timeout: {e:#}")))?)
+        }
+        Some(toml::Value::Float(f)) if f > 0.0 => {
+            Some(duration_from_secs(f).map_err(|e| bad(format!("timeout: {e:#}")))?)
+        }
         Some(toml::Value::String(s)) => {
             Some(parse_duration(&s).map_err(|e| bad(format!("timeout: {e:#}")))?)
         }

@@ -3,21 +3,36 @@
 //! Limits that keep one client from starving the rest: at most
 //! `max_connections` open connections (more wait in the kernel's backlog),
 //! `header_timeout` to send a request head, a request body cap
-//! (`max_body_bytes`). On shutdown the listener closes, SSE streams end, and
-//! in-flight requests get `shutdown_grace` to finish.
+//! (`max_body_bytes`) and `body_timeout` to send it. On shutdown the listener
+//! closes, SSE streams and long polls end (with an answer), and in-flight
+//! requests get `shutdown_grace` to finish.
+//!
+//! # Layout
+//!
+//! `routes` is the table (after the `guard`s: Host against DNS rebinding,
+//! Origin against CSRF); `submit` and `events` are the handlers; `poll` is
+//! ETags and long polling, `sse` the event streams, `pages` the HTML, `query`
+//! the decoding of query strings and headers, `problem` the error documents.
 
+mod events;
+mod guard;
 pub mod pages;
+mod poll;
 pub mod problem;
+mod query;
 pub mod routes;
 pub mod sse;
+mod submit;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -34,6 +49,19 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 pub fn empty() -> Body {
     Empty::new().boxed_unsync()
+}
+
+/// A JSON answer, never cached without revalidation.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {

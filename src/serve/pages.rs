@@ -6,6 +6,11 @@
 //! bumped; after `page_max_checks` it stops refreshing and offers a link to keep
 //! waiting. When the event is done it shows the result (inline when it is
 //! small text) with a link to the raw bytes. Everything shown is escaped.
+//!
+//! Both pages refuse to be framed (`X-Frame-Options: DENY` and CSP
+//! `frame-ancestors 'none'`), so another site cannot overlay them to trick a
+//! click (clickjacking). The wait page runs no script at all; the demo page
+//! may run only its own inline script and talk only to this origin.
 
 use hyper::header::{self, HeaderValue};
 use hyper::Response;
@@ -14,7 +19,13 @@ use super::{full, Body};
 use crate::app::Shared;
 use crate::spool::records::{State, Status};
 
-pub const DEMO: &str = include_str!("assets/index.html");
+const DEMO: &str = include_str!("assets/index.html");
+
+const DEMO_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+const WAIT_CSP: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'";
 
 const INLINE_MAX: u64 = 64 * 1024;
 
@@ -32,6 +43,29 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// `GET /`: the demo page.
+pub fn demo() -> Response<Body> {
+    page(DEMO.into(), "no-cache", DEMO_CSP)
+}
+
+/// An HTML page with the headers every page gets.
+fn page(html: String, cache: &'static str, csp: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(html));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("content-security-policy", HeaderValue::from_static(csp));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    resp
 }
 
 pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
@@ -84,21 +118,8 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
          <title>{title}</title><style>{CSS}</style></head><body><main><h1>{title}</h1>{body}\
          <p class=\"small\">Event <code>{id}</code> · <a href=\"/events/{id}/stream\">stream</a> · <a href=\"/events/{id}?format=json\">status JSON</a></p></main></body></html>"
     );
-    let mut resp = Response::new(full(html));
+    let mut resp = page(html, "no-store", WAIT_CSP);
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
-    );
     if let Some(r) = reload {
         h.insert("refresh", HeaderValue::from_str(&r).expect("ASCII"));
     }

@@ -504,8 +504,10 @@ impl Sse {
     }
 
     pub fn over(mut sock: TcpStream, path: &str, headers: &[(&str, &str)]) -> Sse {
+        // spoold answers only to its own names (the Host check).
+        let host = sock.peer_addr().expect("connected");
         let mut req =
-            format!("GET {path} HTTP/1.1\r\nHost: spoold\r\nAccept: text/event-stream\r\n");
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
