@@ -708,8 +708,13 @@ fn a_missing_interpreter_fails_with_could_not_start() {
     let err = error(&st);
     assert!(err.contains("could not start"), "{err}");
     assert!(
-        err.contains("broken"),
+        err.contains("handlers/broken"),
         "the error should name the handler: {err}"
+    );
+    let server_dir = srv.dir.path().to_str().unwrap();
+    assert!(
+        !err.contains(server_dir),
+        "no server paths in what clients read: {err}"
     );
     assert_eq!(st["attempt"], 1, "{st}");
     assert!(common::names(&srv.spool.join("queue")).is_empty());

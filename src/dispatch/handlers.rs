@@ -47,6 +47,19 @@ struct HandlerToml {
     env: Vec<String>,
 }
 
+impl HandlerError {
+    /// The error without server paths, for statuses that clients read.
+    pub fn brief(&self, kind: &str) -> String {
+        match self {
+            HandlerError::Missing { .. } => {
+                format!("no handler for type {kind:?}: handlers/{kind} is missing")
+            }
+            HandlerError::NotExecutable { .. } => format!("handlers/{kind} is not executable"),
+            HandlerError::BadConfig { detail, .. } => format!("handlers/{kind}.toml: {detail}"),
+        }
+    }
+}
+
 /// Finds the handler for `kind` and reads its settings.
 pub fn resolve(dir: &Path, kind: &HandlerType) -> Result<HandlerSpec, HandlerError> {
     let path = dir.join(kind.as_str());

@@ -35,7 +35,7 @@ pub fn store(
         Err(_) => {
             sh.spool
                 .write_event_file(id, "result", &stdout.bytes, Durability::Durable)
-                .map_err(|e| format!("could not store the result: {e}"))?;
+                .map_err(|e| format!("could not store the result: {}", e.brief()))?;
             (
                 stdout.bytes.len() as u64,
                 stdout.bytes[..stdout.bytes.len().min(512)].to_vec(),

@@ -52,7 +52,7 @@ pub async fn run(sh: Arc<Shared>, id: EventId, token: ClaimToken, abort: Cancell
     async {
         if let Err(e) = attempt(&sh, &id, token, &abort).await {
             tracing::error!(error = %e, "spool error during the attempt; giving the event back to the queue");
-            let why = e.to_string();
+            let why = e.brief();
             let given = blocking(&sh, move |sh| outcome::give_back(sh, &id, token, &why)).await;
             if let Err(e) = given {
                 tracing::error!(error = %e, "could not give the event back either; a rescan will once its lease expires");
@@ -183,7 +183,7 @@ fn start(sh: &Shared, id: &EventId, token: ClaimToken) -> Result<Option<Started>
             return outcome::dead_on_arrival(sh, id, token, "event.json is missing").map(|()| None)
         }
         Err(e @ SpoolError::Damaged { .. }) => {
-            return outcome::dead_on_arrival(sh, id, token, &e.to_string()).map(|()| None)
+            return outcome::dead_on_arrival(sh, id, token, &e.brief()).map(|()| None)
         }
         Err(e) => return Err(e),
     };
@@ -224,7 +224,9 @@ fn start(sh: &Shared, id: &EventId, token: ClaimToken) -> Result<Option<Started>
     // (in the middle of a deploy, say) is retried, but not forever.
     let resolved = HandlerType::parse(&env.kind)
         .map_err(|e| e.to_string())
-        .and_then(|k| handlers::resolve(&sh.settings.handlers_dir, &k).map_err(|e| e.to_string()));
+        .and_then(|k| {
+            handlers::resolve(&sh.settings.handlers_dir, &k).map_err(|e| e.brief(&env.kind))
+        });
     match resolved {
         Ok(spec) => Ok(Some(Started { env, spec, st })),
         Err(why) => {
@@ -254,7 +256,14 @@ fn running_status(prev: &Status, host: &str) -> Status {
 /// such file or interpreter, not executable), retried when it is the
 /// machine's passing trouble (out of processes, memory or descriptors).
 fn spawn_failure(spec: &HandlerSpec, e: &std::io::Error) -> Verdict {
-    let path = spec.path.display();
+    // Named as the operator knows it, not by the server's absolute path.
+    let path = format!(
+        "handlers/{}",
+        spec.path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
     match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::ENOTDIR) => Verdict::Final(
             State::Failed,

@@ -62,6 +62,22 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// The error without server paths, for statuses that clients read (the
+    /// full error goes to the log).
+    pub fn brief(&self) -> String {
+        match self {
+            SpoolError::Io { op, source, .. } => format!("cannot {op} a spool file: {source}"),
+            SpoolError::Damaged { path, detail } => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{name} is damaged: {detail}")
+            }
+            SpoolError::Format { found, .. } => format!("the spool has another format ({found:?})"),
+        }
+    }
+
     /// True when the disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
         matches!(self, SpoolError::Io { source, .. }
