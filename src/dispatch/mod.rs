@@ -383,6 +383,11 @@ fn take_over_stale_claims(
                 seen_stale.insert(path, mtime);
                 continue;
             }
+            if is_own {
+                // Abandoned by a run of this very process: make sure its
+                // handler is not still at work before the event runs again.
+                spool.kill_leftover(&id);
+            }
             match spool.take_over(&path, &id) {
                 Ok(true) => {
                     tracing::warn!(%id, host = ?host.file_name(), "moved a claim whose lease expired back to the queue");

@@ -221,6 +221,9 @@ pub fn dead_on_arrival(
     token: ClaimToken,
     why: &str,
 ) -> Result<(), SpoolError> {
+    if !sh.spool.holds(id, token) {
+        return Ok(());
+    }
     tracing::error!(error = why, "claimed event is damaged; moving it to dead/");
     let kind = sh
         .spool

@@ -12,30 +12,32 @@ use crate::app::Shared;
 use crate::spool::atomic::Durability;
 use crate::spool::ids::EventId;
 use crate::spool::records::ResultInfo;
+use crate::spool::SpoolError;
 
-/// Keeps the result. `Err` is a sentence for the status's `error`.
+/// Keeps the result. The inner `Err` is the handler's fault (a sentence for
+/// the status's `error`); the outer one is the spool's (the event is given
+/// back to the queue).
 pub fn store(
     sh: &Shared,
     id: &EventId,
     spec: &HandlerSpec,
     reported_type: Option<String>,
     stdout: Captured,
-) -> Result<Option<ResultInfo>, String> {
+) -> Result<Result<Option<ResultInfo>, String>, SpoolError> {
     let path = sh.spool.event_dir(id).join("result");
     let cap = sh.settings.max_result_bytes;
     let (len, head) = match fs::metadata(&path) {
         Ok(m) if m.len() > cap => {
-            return Err(format!(
+            return Ok(Err(format!(
                 "the result file is {} bytes, over max_result_bytes ({cap})",
                 m.len()
-            ))
+            )))
         }
         Ok(m) => (m.len(), read_head(&path)),
-        Err(_) if stdout.bytes.is_empty() => return Ok(None),
+        Err(_) if stdout.bytes.is_empty() => return Ok(Ok(None)),
         Err(_) => {
             sh.spool
-                .write_event_file(id, "result", &stdout.bytes, Durability::Durable)
-                .map_err(|e| format!("could not store the result: {}", e.brief()))?;
+                .write_event_file(id, "result", &stdout.bytes, Durability::Durable)?;
             (
                 stdout.bytes.len() as u64,
                 stdout.bytes[..stdout.bytes.len().min(512)].to_vec(),
@@ -45,10 +47,10 @@ pub fn store(
     let content_type = reported_type
         .or_else(|| spec.content_type.clone())
         .unwrap_or_else(|| sniff(&head).into());
-    Ok(Some(ResultInfo {
+    Ok(Ok(Some(ResultInfo {
         content_type,
         bytes: len,
-    }))
+    })))
 }
 
 fn read_head(path: &Path) -> Vec<u8> {

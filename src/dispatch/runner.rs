@@ -34,8 +34,8 @@ use crate::metrics::Metrics;
 use crate::spool::atomic::Durability;
 use crate::spool::claim::ClaimToken;
 use crate::spool::ids::{EventId, HandlerType};
-use crate::spool::records::{Envelope, QueueEntry, State, Status, Timestamp};
-use crate::spool::recover::{ClaimRecord, ProcessMark};
+use crate::spool::records::{Envelope, State, Status, Timestamp};
+use crate::spool::recover::ProcessMark;
 use crate::spool::SpoolError;
 
 /// What an attempt starts from, once its `running` status is written.
@@ -70,7 +70,8 @@ where
     F: FnOnce(&Shared) -> T + Send + 'static,
 {
     let sh = Arc::clone(sh);
-    match tokio::task::spawn_blocking(move || f(&sh)).await {
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(|| f(&sh))).await {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
@@ -118,8 +119,8 @@ async fn attempt(
     };
     Metrics::inc(&sh.metrics.started);
     sh.metrics.running.fetch_add(1, Ordering::Relaxed);
-    let (id2, kind, pid) = (id.clone(), env.kind.clone(), running.pid);
-    blocking(sh, move |sh| mark_process(sh, &id2, token, kind, pid)).await;
+    let (id2, pid) = (id.clone(), running.pid);
+    blocking(sh, move |sh| mark_process(sh, &id2, pid)).await;
 
     let mut progress = ProgressFile::new(dir.join("progress.json"));
     let ending = supervise(
@@ -160,7 +161,7 @@ async fn attempt(
         }
         let verdict = match outcome::judge(&ending, &stderr) {
             Verdict::Succeeded(_) => {
-                match super::result::store(sh, &id, &spec, reported_type, stdout) {
+                match super::result::store(sh, &id, &spec, reported_type, stdout)? {
                     Ok(info) => Verdict::Succeeded(info),
                     Err(why) => Verdict::Final(State::Failed, why),
                 }
@@ -315,19 +316,14 @@ fn handler_env(
     vars
 }
 
-/// Notes the handler's pid, start time and boot in the claim, so that a
-/// restarted spoold can kill it if this one dies.
-fn mark_process(sh: &Shared, id: &EventId, token: ClaimToken, kind: String, pid: i32) {
-    let record = ClaimRecord {
-        entry: QueueEntry {
-            kind,
-            not_before_ms: None,
-        },
-        process: ProcessMark::of(pid),
+/// Notes the handler's pid, start time and boot, so that a restarted
+/// spoold (or a rescan that finds the claim abandoned) can kill it.
+fn mark_process(sh: &Shared, id: &EventId, pid: i32) {
+    let Some(mark) = ProcessMark::of(pid) else {
+        return;
     };
-    let bytes = serde_json::to_vec(&record).expect("serializable");
-    if let Err(e) = sh.spool.rewrite_claim(id, token, &bytes) {
-        tracing::warn!(error = %e, "could not note the handler's pid in its claim");
+    if let Err(e) = sh.spool.mark_process(id, &mark) {
+        tracing::warn!(error = %e, "could not note the handler's pid; a crash now could not stop it");
     }
 }
 

@@ -114,6 +114,12 @@ impl AtomicWriter {
         }
     }
 
+    /// True when file contents are fsync'd (any durability, fsync on).
+    pub fn syncs_data(&self) -> bool {
+        self.fsync
+    }
+
+    /// True when this durability also fsyncs the directory.
     pub fn syncs(&self, durability: Durability) -> bool {
         self.fsync && durability == Durability::Durable
     }

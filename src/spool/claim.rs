@@ -96,7 +96,7 @@ impl Spool {
             Err(e) => return Err(e).at("rewrite", &path),
         };
         file.write_all(bytes).at("rewrite", &path)?;
-        if self.writer().syncs(Durability::DataOnly) {
+        if self.writer().syncs_data() {
             file.sync_data().at("sync", &path)?;
         }
         Ok(true)
@@ -146,7 +146,7 @@ impl Spool {
         }
         let (from, to) = (self.running_path(id), self.queue_path(id));
         match rename_noreplace(&from, &to) {
-            Ok(()) => {}
+            Ok(()) => self.forget_process(id),
             Err(e) if is_gone(&e) => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Someone queued it by hand meanwhile: one entry is enough.
@@ -166,6 +166,7 @@ impl Spool {
         if !self.holds(id, token) {
             return Ok(());
         }
+        self.forget_process(id);
         let path = self.running_path(id);
         match fs::remove_file(&path) {
             Err(e) if !is_gone(&e) => Err(e).at("release", &path),
@@ -175,6 +176,9 @@ impl Spool {
 
     /// Records a dead letter, then drops the claim. The status must be final.
     pub fn dead_letter(&self, id: &EventId, token: ClaimToken, letter: &DeadLetter) -> Result<()> {
+        if !self.holds(id, token) {
+            return Ok(());
+        }
         let path = self.dead_path(id);
         let bytes = serde_json::to_vec_pretty(letter).expect("serializable");
         self.writer()

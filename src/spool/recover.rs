@@ -30,8 +30,10 @@ use super::{is_gone, IoContext, Result, Spool, SpoolError};
 
 const FOREIGN_TMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// What a claim file holds while its handler runs: enough to find the
-/// handler's process group again after a crash.
+/// `hosts/<host>/<id>.process`, written when a handler starts: enough to
+/// find its process group again after spoold dies, so that it can be killed
+/// before the event runs anew. Kept apart from the claim, so the claim file is
+/// never rewritten while a handler runs.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ProcessMark {
     pub pid: i32,
@@ -57,14 +59,6 @@ fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
         .map(|s| s.trim().to_owned())
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct ClaimRecord {
-    #[serde(flatten)]
-    pub entry: QueueEntry,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessMark>,
 }
 
 /// What recovery did, for the log.
@@ -136,32 +130,78 @@ impl Spool {
         for stray in strays {
             tracing::warn!(path = %stray.display(), "ignoring a file in running/ that is not an event ID; remove it by hand");
         }
-        for id in ids {
-            let record: Option<ClaimRecord> = fs::read(self.running_path(&id))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(mark) = record.as_ref().and_then(|r| r.process.clone()) {
-                if kill_leftover_group(&mark) {
-                    tracing::warn!(%id, pid = mark.pid, "killed a handler left running by the previous spoold");
-                    done.killed_groups += 1;
+        for id in &ids {
+            if self.kill_leftover(id) {
+                done.killed_groups += 1;
+            }
+            match self.recover_claim(id) {
+                Ok(Some(true)) => done.requeued += 1,
+                Ok(Some(false)) => done.released += 1,
+                Ok(None) => {}
+                // Left for the rescan, which retries once the lease expires.
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "cannot recover a claim now; the rescan will retry")
                 }
             }
-            match self.recover_claim(&id, record.map(|r| r.entry))? {
-                Some(true) => done.requeued += 1,
-                Some(false) => done.released += 1,
-                None => {}
+        }
+        // Marks of handlers whose claim is gone are of no more use.
+        let claimed: std::collections::HashSet<String> =
+            ids.iter().map(|id| format!("{id}.process")).collect();
+        for entry in fs::read_dir(self.process_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !claimed.contains(&*entry.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(entry.path());
             }
         }
         Ok(())
     }
 
+    fn process_dir(&self) -> std::path::PathBuf {
+        self.dir("hosts").join(self.host())
+    }
+
+    /// Notes the process group of the handler now running `id`.
+    pub fn mark_process(&self, id: &EventId, mark: &ProcessMark) -> Result<()> {
+        let dir = self.process_dir();
+        fs::create_dir_all(&dir).at("create", &dir)?;
+        let path = dir.join(format!("{id}.process"));
+        let bytes = serde_json::to_vec(mark).expect("serializable");
+        self.writer()
+            .replace(&path, &bytes, Durability::DataOnly)
+            .at("write", &path)
+    }
+
+    /// Forgets the process of `id` (its run is over).
+    pub fn forget_process(&self, id: &EventId) {
+        let _ = fs::remove_file(self.process_dir().join(format!("{id}.process")));
+    }
+
+    /// Kills the handler group a previous run of `id` on this host may have
+    /// left (spoold died, or a run was abandoned); true if one was killed.
+    pub fn kill_leftover(&self, id: &EventId) -> bool {
+        let path = self.process_dir().join(format!("{id}.process"));
+        let mark: Option<ProcessMark> = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let killed = mark.as_ref().is_some_and(kill_leftover_group);
+        if let (true, Some(mark)) = (killed, mark) {
+            tracing::warn!(%id, pid = mark.pid, "killed a handler group left running for this event");
+        }
+        self.forget_process(id);
+        killed
+    }
+
     /// Settles one claim of this host that no runner holds: put back in the
     /// queue (`Some(true)`), dropped because its status is final
     /// (`Some(false)`), or `None` when it was gone or dead-lettered.
-    pub fn recover_claim(&self, id: &EventId, entry: Option<QueueEntry>) -> Result<Option<bool>> {
+    pub fn recover_claim(&self, id: &EventId) -> Result<Option<bool>> {
         let Some(token) = self.claim_token(id) else {
             return Ok(None);
         };
+        let entry = self.read_entry(&self.running_path(id)).ok().flatten();
         let status = match self.status_or_rebuild(id) {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -169,16 +209,17 @@ impl Spool {
                 self.release(id, token)?;
                 return Ok(None);
             }
-            Err(e) => {
+            Err(e @ SpoolError::Damaged { .. }) => {
                 tracing::error!(%id, error = %e, "claimed event cannot be read; moving it to the dead letters");
                 let kind = entry.map(|e| e.kind).unwrap_or_default();
                 self.dead_letter(
                     id,
                     token,
-                    &DeadLetter::new(id.as_str(), &kind, 0, Some(e.to_string())),
+                    &DeadLetter::new(id.as_str(), &kind, 0, Some(e.brief())),
                 )?;
                 return Ok(None);
             }
+            Err(e) => return Err(e),
         };
         if status.state.is_terminal() {
             self.release(id, token)?;
@@ -211,11 +252,13 @@ impl Spool {
                     return Ok(None);
                 };
                 let mut status = Status::initial(&env);
-                status.seq = 1;
+                // The old seq is lost; one from the clock stays ahead of it, so
+                // ETags and SSE ids keep growing for those who follow the event.
                 status.updated_at = Timestamp::now();
+                status.seq = status.updated_at.unix_ms();
                 status.message = Some("status.json was damaged and has been rebuilt from event.json; the attempt count starts again".into());
                 tracing::warn!(%id, %detail, "status.json was damaged; rebuilt it from event.json");
-                self.write_status(&status, Durability::Durable)?;
+                // Not written here: the caller writes its next status as the owner.
                 Ok(Some(status))
             }
             other => other,
