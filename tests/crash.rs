@@ -19,50 +19,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{names, process_alive, wait_until, Server};
+use common::{lines, names, process_alive, release, script, secs, state, tdir, wait_until, Server};
 use serde_json::Value;
-
-const PRELUDE: &str = r#"#!/bin/sh
-T="$SPOOL_DIR/.."
-wait_for() {
-  n=0
-  while [ ! -e "$T/$1" ] && [ -d "$SPOOL_DIR" ] && [ "$n" -lt 1500 ]; do
-    sleep 0.01
-    n=$((n+1))
-  done
-}
-"#;
-
-fn script(body: &str) -> String {
-    format!("{PRELUDE}{body}\n")
-}
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-fn tdir(srv: &Server) -> PathBuf {
-    srv.dir.path().canonicalize().unwrap()
-}
-
-fn release(srv: &Server, name: &str) {
-    fs::write(tdir(srv).join(name), b"").unwrap();
-}
-
-fn lines(srv: &Server, name: &str) -> Vec<String> {
-    fs::read_to_string(tdir(srv).join(name))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
 
 fn read_pid(path: &Path) -> Option<i32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn state(v: &Value) -> &str {
-    v["state"].as_str().unwrap_or("")
 }
 
 /// The status as it is on disk (for when the server is not running).

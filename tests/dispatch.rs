@@ -13,54 +13,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{process_alive, wait_until, Server};
+use common::{lines, process_alive, release, script, secs, state, tdir, wait_until, Server};
 use serde_json::Value;
 
-/// The start of every blocking shell handler: `$T` is the server's temporary
-/// directory; `wait_for NAME` waits (bounded, ~15 s) until `$T/NAME` exists.
-const PRELUDE: &str = r#"#!/bin/sh
-T="$SPOOL_DIR/.."
-wait_for() {
-  n=0
-  while [ ! -e "$T/$1" ] && [ -d "$SPOOL_DIR" ] && [ "$n" -lt 1500 ]; do
-    sleep 0.01
-    n=$((n+1))
-  done
-}
-"#;
-
-fn script(body: &str) -> String {
-    format!("{PRELUDE}{body}\n")
-}
-
 const SECS: Duration = Duration::from_secs(1);
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-/// The server's temporary directory, as handlers see it (`$SPOOL_DIR/..`).
-fn tdir(srv: &Server) -> PathBuf {
-    srv.dir.path().canonicalize().unwrap()
-}
-
-/// Creates `$T/<name>`, releasing handlers that `wait_for` it.
-fn release(srv: &Server, name: &str) {
-    fs::write(tdir(srv).join(name), b"").unwrap();
-}
-
-/// Lines of `$T/<name>` (empty when it does not exist).
-fn lines(srv: &Server, name: &str) -> Vec<String> {
-    fs::read_to_string(tdir(srv).join(name))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
 
 /// A pid a handler wrote to `$T/<name>`, once it is there.
 fn read_pid(srv: &Server, name: &str) -> i32 {
@@ -87,10 +47,6 @@ impl Drop for Reap {
             }
         }
     }
-}
-
-fn state(v: &Value) -> &str {
-    v["state"].as_str().unwrap_or("")
 }
 
 fn error(v: &Value) -> String {

@@ -775,3 +775,49 @@ pub fn write_event_by_hand(spool: &Path, id: &str, kind: &str, payload: &str) {
     fs::write(&tmp, envelope).unwrap();
     fs::rename(&tmp, dir.join("event.json")).unwrap();
 }
+
+/// The start of a gated shell handler: `$T` is the test's directory and
+/// `wait_for NAME` waits (at most 15 s) until the test creates `$T/NAME`.
+pub const PRELUDE: &str = r#"#!/bin/sh
+T="$SPOOL_DIR/.."
+wait_for() {
+  n=0
+  while [ ! -e "$T/$1" ] && [ -d "$SPOOL_DIR" ] && [ "$n" -lt 1500 ]; do
+    sleep 0.01
+    n=$((n+1))
+  done
+}
+"#;
+
+/// A gated shell handler: [`PRELUDE`] then `body`.
+pub fn script(body: &str) -> String {
+    format!("{PRELUDE}{body}\n")
+}
+
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// The server's temporary directory, as handlers see it (`$SPOOL_DIR/..`).
+pub fn tdir(srv: &Server) -> PathBuf {
+    srv.dir.path().canonicalize().unwrap()
+}
+
+/// Creates `$T/<name>`, releasing handlers that `wait_for` it.
+pub fn release(srv: &Server, name: &str) {
+    fs::write(tdir(srv).join(name), b"").unwrap();
+}
+
+/// Lines of `$T/<name>` (empty when it does not exist).
+pub fn lines(srv: &Server, name: &str) -> Vec<String> {
+    fs::read_to_string(tdir(srv).join(name))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `state` of a status.
+pub fn state(v: &Value) -> &str {
+    v["state"].as_str().unwrap_or("")
+}
