@@ -13,14 +13,6 @@ use serde_json::{json, Value};
 
 const FINAL: Duration = Duration::from_secs(10);
 
-/// A handler that reports progress, then waits until the test creates
-/// `<testdir>/go-<id>`, then prints "done".
-const BLOCKING: &str = r#"#!/bin/sh
-spoold report --progress 42 --message 'working on it'
-while [ ! -e "$SPOOL_DIR/../go-$SPOOL_ID" ]; do sleep 0.01; done
-echo done
-"#;
-
 /// Asserts an RFC 9457 problem response and returns its JSON.
 #[track_caller]
 fn assert_problem(r: &Resp, status: u16, kind: &str) -> Value {
@@ -54,7 +46,7 @@ fn post_h(srv: &Server, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Re
     request(srv.addr, "POST", path, headers, body)
 }
 
-/// Lets the BLOCKING handler of event `id` finish.
+/// Lets the `common::BLOCKING` handler of event `id` finish.
 fn release(srv: &Server, id: &str) {
     fs::write(srv.dir.path().join(format!("go-{id}")), b"").unwrap();
 }
@@ -115,7 +107,7 @@ fn elapsed_ms(t: Instant) -> u128 {
 
 #[test]
 fn submit_answers_202_with_location_retry_after_etag_and_links() {
-    let srv = common::server().handler("echo", BLOCKING).start();
+    let srv = common::server().handler("echo", common::BLOCKING).start();
     let r = srv.post("/events/echo", r#"{"n": 1}"#);
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.header("content-type"), Some("application/json"));
@@ -417,7 +409,7 @@ fn invalid_idempotency_keys_are_400() {
 
 #[test]
 fn status_has_etag_from_seq_and_if_none_match_gives_304() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     let st = wait_progress(&srv, &id);
     let r = srv.get(&format!("/events/{id}"));
@@ -502,7 +494,7 @@ fn if_none_match_with_a_list_matches_any_of_its_tags() {
 
 #[test]
 fn long_poll_returns_as_soon_as_the_status_changes() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     let seq = wait_progress(&srv, &id)["seq"].as_u64().unwrap();
     let addr = srv.addr;
@@ -532,7 +524,7 @@ fn long_poll_returns_as_soon_as_the_status_changes() {
 
 #[test]
 fn long_poll_without_if_none_match_waits_for_a_change_from_the_current_seq() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     let seq = wait_progress(&srv, &id)["seq"].as_u64().unwrap();
     let addr = srv.addr;
@@ -548,7 +540,7 @@ fn long_poll_without_if_none_match_waits_for_a_change_from_the_current_seq() {
 
 #[test]
 fn long_poll_times_out_with_304_or_the_unchanged_status() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     let seq = wait_progress(&srv, &id)["seq"].as_u64().unwrap();
 
@@ -600,7 +592,7 @@ fn long_poll_times_out_with_304_or_the_unchanged_status() {
 #[test]
 fn long_poll_is_capped_by_long_poll_max_and_negative_waits_do_not_wait() {
     let srv = common::server()
-        .handler("job", BLOCKING)
+        .handler("job", common::BLOCKING)
         .config("long_poll_max = \"1s\"")
         .start();
     let id = srv.submit("job", "{}");
@@ -635,7 +627,7 @@ fn long_poll_is_capped_by_long_poll_max_and_negative_waits_do_not_wait() {
 
 #[test]
 fn non_finite_wait_is_a_400_problem_not_a_dropped_connection() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     for wait in ["NaN", "nan"] {
         let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
@@ -963,7 +955,7 @@ echo "this is stdout"
 #[test]
 fn result_is_202_with_retry_after_while_pending() {
     let srv = common::server()
-        .handler("job", BLOCKING)
+        .handler("job", common::BLOCKING)
         .handler_toml("job", "concurrency = 1\n")
         .start();
     let running = srv.submit("job", "{}");
@@ -1000,7 +992,7 @@ fn result_of_an_unsuccessful_event_is_409_with_its_status() {
         .handler_toml("retry", "max_attempts = 2\n")
         .handler("slow", "#!/bin/sh\nexec sleep 30\n")
         .handler_toml("slow", "timeout = \"300ms\"\n")
-        .handler("job", BLOCKING)
+        .handler("job", common::BLOCKING)
         .start();
     let failed = srv.submit("bad", "{}");
     let dead = srv.submit("retry", "{}");

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{lines, names, process_alive, release, script, secs, state, tdir, wait_until, Server};
+use common::{
+    lines, names, process_alive, release, script, secs, state, tdir, wait_until, Reap, Server,
+};
 use serde_json::Value;
 
 fn read_pid(path: &Path) -> Option<i32> {
@@ -31,20 +33,6 @@ fn disk_status(srv: &Server, id: &str) -> Value {
     let path = srv.spool.join("events").join(id).join("status.json");
     serde_json::from_slice(&fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap()
-}
-
-/// Kills processes a test started through a handler if they outlive the test
-/// (only when the server under test failed to).
-struct Reap(Vec<i32>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            if pid > 1 && process_alive(pid) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
 }
 
 /// Waits until nothing of the spool's transient state is left: no staging

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{lines, process_alive, release, script, secs, state, tdir, wait_until, Server};
+use common::{lines, process_alive, release, script, secs, state, tdir, wait_until, Reap, Server};
 use serde_json::Value;
 
 const SECS: Duration = Duration::from_secs(1);
@@ -33,20 +33,6 @@ fn read_pid(srv: &Server, name: &str) -> i32 {
         pid.is_some()
     });
     pid.unwrap()
-}
-
-/// Kills processes a test started through a handler if they outlive the test
-/// (only when the server under test failed to).
-struct Reap(Vec<i32>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            if pid > 1 && process_alive(pid) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
 }
 
 fn error(v: &Value) -> String {

@@ -16,14 +16,7 @@ use serde_json::Value;
 
 const FINAL: Duration = Duration::from_secs(10);
 
-/// Reports progress, then waits until the test creates `<testdir>/go-<id>`.
-const BLOCKING: &str = r#"#!/bin/sh
-spoold report --progress 42 --message 'working on it'
-while [ ! -e "$SPOOL_DIR/../go-$SPOOL_ID" ]; do sleep 0.01; done
-echo done
-"#;
-
-/// Like BLOCKING, but ignores SIGTERM, so a cancel waits for kill_grace.
+/// Like common::BLOCKING, but ignores SIGTERM, so a cancel waits for kill_grace.
 /// It gives up by itself after 30 s, so it never outlives a failed test long.
 const STUBBORN: &str = r#"#!/bin/sh
 trap '' TERM
@@ -129,7 +122,7 @@ fn read_response(mut s: TcpStream, within: Duration) -> Option<Resp> {
 
 #[test]
 fn foreign_host_names_get_421_and_loopback_names_are_answered() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     let port = srv.addr.port();
     let path = format!("/events/{id}");
@@ -231,7 +224,7 @@ fn a_bad_allowed_hosts_entry_stops_spoold_at_start() {
 
 #[test]
 fn cross_site_posts_and_deletes_are_403_and_change_nothing() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let host = srv.addr.to_string();
     let form = ("Content-Type", "text/plain");
     for headers in [
@@ -324,7 +317,7 @@ fn cross_site_posts_and_deletes_are_403_and_change_nothing() {
 
 #[test]
 fn pages_refuse_to_be_framed() {
-    let srv = common::server().handler("job", BLOCKING).start();
+    let srv = common::server().handler("job", common::BLOCKING).start();
     let id = srv.submit("job", "{}");
     let demo = srv.get("/");
     let wait = common::request(
@@ -414,7 +407,7 @@ fn a_body_that_stalls_is_408_after_body_timeout() {
 #[test]
 fn long_polls_and_cancel_waits_answer_at_once_when_spoold_shuts_down() {
     let mut srv = common::server()
-        .handler("job", BLOCKING)
+        .handler("job", common::BLOCKING)
         .handler("stubborn", STUBBORN)
         .config("shutdown_grace = \"30s\"\nkill_grace = \"20s\"")
         .start();

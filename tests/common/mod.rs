@@ -821,3 +821,25 @@ pub fn lines(srv: &Server, name: &str) -> Vec<String> {
 pub fn state(v: &Value) -> &str {
     v["state"].as_str().unwrap_or("")
 }
+
+/// A handler that reports progress, then waits until the test creates
+/// `<testdir>/go-<id>`, then prints "done".
+pub const BLOCKING: &str = r#"#!/bin/sh
+spoold report --progress 42 --message 'working on it'
+while [ ! -e "$SPOOL_DIR/../go-$SPOOL_ID" ]; do sleep 0.01; done
+echo done
+"#;
+
+/// Kills processes a test started through a handler if they outlive the test
+/// (only when the server under test failed to).
+pub struct Reap(pub Vec<i32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if pid > 1 && process_alive(pid) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
