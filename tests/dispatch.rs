@@ -246,33 +246,30 @@ echo done"#,
     });
     assert_eq!(state(&seen), "running");
     assert_eq!(seen["data"], serde_json::json!({"rows": 4}));
-    let seq1 = seen["seq"].as_u64().unwrap();
+    let mut seq = seen["seq"].as_u64().unwrap();
 
-    release(&srv, "go1");
-    wait_until(secs(10), "progress clamped to 100 'too far'", || {
-        seen = srv.status(&id);
-        seen["message"] == "too far"
-    });
-    assert_eq!(seen["progress"], 100.0, "progress must be clamped: {seen}");
-    assert_eq!(state(&seen), "running");
-    let seq2 = seen["seq"].as_u64().unwrap();
-    assert!(seq2 > seq1, "seq must grow: {seq1} then {seq2}");
-
-    release(&srv, "go2");
-    wait_until(secs(10), "progress 70 'via the cli'", || {
-        seen = srv.status(&id);
-        seen["message"] == "via the cli"
-    });
-    assert_eq!(seen["progress"], 70.0, "{seen}");
-    assert_eq!(state(&seen), "running");
-    let seq3 = seen["seq"].as_u64().unwrap();
-    assert!(seq3 > seq2, "seq must grow: {seq2} then {seq3}");
+    // Each gate lets the handler write its next progress: (gate, message, progress).
+    for (gate, message, progress) in [("go1", "too far", 100.0), ("go2", "via the cli", 70.0)] {
+        release(&srv, gate);
+        wait_until(secs(10), &format!("message {message:?}"), || {
+            seen = srv.status(&id);
+            seen["message"] == message
+        });
+        assert_eq!(
+            seen["progress"], progress,
+            "progress is clamped to 0..=100: {seen}"
+        );
+        assert_eq!(state(&seen), "running");
+        let next = seen["seq"].as_u64().unwrap();
+        assert!(next > seq, "seq must grow: {seq} then {next}");
+        seq = next;
+    }
 
     release(&srv, "go3");
     let st = srv.wait_final(&id, secs(10));
     assert_eq!(state(&st), "succeeded", "{st}");
     assert_eq!(st["progress"], 100.0);
-    assert!(st["seq"].as_u64().unwrap() > seq3);
+    assert!(st["seq"].as_u64().unwrap() > seq);
     assert_eq!(srv.get(&format!("/events/{id}/result")).text(), "done\n");
 }
 
