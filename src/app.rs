@@ -104,7 +104,15 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
     }
     let server = tasks.spawn(serve::run(Arc::clone(&sh), listener, shutdown.clone()));
     println!("spoold listening on http://{addr}");
-    tracing::info!(%addr, "listening");
+    let auth = if settings.tokens.is_empty() {
+        "off".to_owned()
+    } else {
+        format!("{} tokens", settings.tokens.len())
+    };
+    tracing::info!(%addr, %auth, "listening");
+    if settings.tokens.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "--insecure: anyone who can reach this address can run handlers and read results");
+    }
 
     // The dispatcher only ends when told to; if it ends on its own (a panic),
     // nothing would run any more: stop, so that a supervisor restarts spoold.

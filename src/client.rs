@@ -11,12 +11,12 @@ use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::config::{StatusArgs, SubmitArgs};
+use crate::config::{ServerArg, StatusArgs, SubmitArgs};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -26,6 +26,15 @@ fn client() -> HttpClient {
 
 fn url(server: &str, path: &str) -> String {
     format!("{}{path}", server.trim_end_matches('/'))
+}
+
+/// A request to the server, carrying the token when there is one.
+fn request(method: Method, to: &ServerArg, path: &str) -> hyper::http::request::Builder {
+    let b = Request::builder().method(method).uri(url(&to.server, path));
+    match &to.token {
+        Some(t) => b.header("authorization", format!("Bearer {}", t.trim())),
+        None => b,
+    }
 }
 
 async fn send(
@@ -70,8 +79,12 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     let payload = read_payload(args.payload.as_deref())?;
     let c = client();
     let server = &args.server.server;
-    let mut req = Request::post(url(server, &format!("/events/{}", args.kind)))
-        .header("content-type", "application/json");
+    let mut req = request(
+        Method::POST,
+        &args.server,
+        &format!("/events/{}", args.kind),
+    )
+    .header("content-type", "application/json");
     if let Some(key) = &args.key {
         req = req.header("idempotency-key", key);
     }
@@ -90,18 +103,19 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     eprintln!("submitted {} as {id}", args.kind);
-    let last = follow(&c, server, &id).await?;
-    finish(&c, server, &id, &last).await
+    let last = follow(&c, &args.server, &id).await?;
+    finish(&c, &args.server, &id, &last).await
 }
 
 /// Follows the SSE stream until `end`, drawing progress on stderr.
-async fn follow(c: &HttpClient, server: &str, id: &str) -> anyhow::Result<Value> {
+async fn follow(c: &HttpClient, to: &ServerArg, id: &str) -> anyhow::Result<Value> {
+    let server = &to.server;
     let mut last_id: Option<String> = None;
     let mut last_status = Value::Null;
     let mut failures = 0;
     let tty = std::io::stderr().is_terminal();
     loop {
-        let mut req = Request::get(url(server, &format!("/events/{id}/stream")))
+        let mut req = request(Method::GET, to, &format!("/events/{id}/stream"))
             .header("accept", "text/event-stream");
         if let Some(l) = &last_id {
             req = req.header("last-event-id", l.as_str());
@@ -209,7 +223,7 @@ fn draw(status: &Value, tty: bool) {
     let _ = std::io::stderr().flush();
 }
 
-async fn finish(c: &HttpClient, server: &str, id: &str, last: &Value) -> anyhow::Result<i32> {
+async fn finish(c: &HttpClient, to: &ServerArg, id: &str, last: &Value) -> anyhow::Result<i32> {
     if last["state"] != "succeeded" {
         eprintln!(
             "event {id} ended {}: {}",
@@ -220,8 +234,8 @@ async fn finish(c: &HttpClient, server: &str, id: &str, last: &Value) -> anyhow:
     }
     let resp = send(
         c,
-        Request::get(url(server, &format!("/events/{id}/result"))).body(Full::new(Bytes::new()))?,
-        server,
+        request(Method::GET, to, &format!("/events/{id}/result")).body(Full::new(Bytes::new()))?,
+        &to.server,
     )
     .await?;
     let bytes = resp.into_body().collect().await?.to_bytes();
@@ -232,7 +246,7 @@ async fn finish(c: &HttpClient, server: &str, id: &str, last: &Value) -> anyhow:
 pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let c = client();
     let server = &args.server.server;
-    let req = Request::get(url(server, &format!("/events/{}", args.id)))
+    let req = request(Method::GET, &args.server, &format!("/events/{}", args.id))
         .header("accept", "application/json");
     let resp = send(&c, req.body(Full::new(Bytes::new()))?, server).await?;
     let ok = resp.status().is_success();

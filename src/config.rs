@@ -13,6 +13,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::auth::Tokens;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "spoold",
@@ -62,7 +64,10 @@ pub struct ServeArgs {
     /// This host's name in running/<host>/ and in statuses [default: the short hostname]
     #[arg(long, env = "SPOOLD_HOST_ID")]
     pub host_id: Option<String>,
-    /// Allow listening on a non-loopback address without authentication
+    /// A file of bearer tokens, one `NAME SCOPES TOKEN` per line (see docs/security.md)
+    #[arg(long, env = "SPOOLD_TOKENS_FILE")]
+    pub tokens: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without tokens
     #[arg(long)]
     pub insecure: bool,
     /// Do not fsync spool writes (faster; a power cut may lose recent events)
@@ -99,6 +104,10 @@ pub struct ServerArg {
     /// The spoold server to talk to
     #[arg(long, env = "SPOOLD_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// A bearer token for a server that requires one (prefer the environment:
+    /// a command line is visible to other users in `ps`)
+    #[arg(long, env = "SPOOLD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -159,6 +168,11 @@ pub struct Settings {
     /// Host names (canonical, see [`canonical_host`]) this server answers to,
     /// besides the loopback names when it listens on loopback.
     pub allowed_hosts: Vec<String>,
+    /// Bearer tokens; empty means no authentication (loopback only).
+    pub tokens: Tokens,
+    /// Origins (`scheme://host[:port]`, canonical) whose pages may call the
+    /// API from the browser; `*` is any origin, allowed only with tokens.
+    pub cors_origins: Vec<String>,
     pub forward_headers: Vec<String>,
     pub pass_env: Vec<String>,
 }
@@ -201,6 +215,8 @@ impl Default for Settings {
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             allowed_hosts: Vec::new(),
+            tokens: Tokens::default(),
+            cors_origins: Vec::new(),
             forward_headers: ["user-agent", "x-request-id", "traceparent", "content-type"]
                 .map(String::from)
                 .to_vec(),
@@ -246,6 +262,8 @@ struct FileConfig {
     body_timeout: Option<String>,
     max_connections: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
+    tokens_file: Option<PathBuf>,
+    cors_origins: Option<Vec<String>>,
     forward_headers: Option<Vec<String>>,
     pass_env: Option<Vec<String>>,
 }
@@ -282,6 +300,32 @@ pub fn duration_from_secs(secs: f64) -> anyhow::Result<Duration> {
         bail!("{secs} seconds is too long: durations are at most 10 years (315576000 seconds)");
     }
     Duration::try_from_secs_f64(secs).with_context(|| format!("{secs} seconds is not a duration"))
+}
+
+/// An origin as the CORS check compares it: `scheme://host[:port]` with the
+/// host canonical and the scheme's default port left out; `*` stays `*`.
+/// None when it is not an http(s) origin (a path, a wildcard in a name).
+pub fn canonical_origin(origin: &str) -> Option<String> {
+    let origin = origin.trim();
+    if origin == "*" {
+        return Some("*".into());
+    }
+    let (scheme, rest) = origin.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    if rest.contains(['/', '@', '?', '#']) {
+        return None;
+    }
+    let a = rest.parse::<hyper::http::uri::Authority>().ok()?;
+    let host = canonical_host(a.host())?;
+    Some(match a.port_u16() {
+        Some(p) if p != default_port => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
 }
 
 /// A host name as the Host check compares it: lowercase, without a trailing
@@ -322,6 +366,13 @@ impl Settings {
             s.shared = Some(true);
         }
         s.insecure |= args.insecure;
+        if let Some(path) = &args.tokens {
+            s.tokens.add_file(path)?;
+        }
+        if let Ok(text) = std::env::var("SPOOLD_TOKENS") {
+            s.tokens
+                .add_lines(&text.replace(';', "\n"), "SPOOLD_TOKENS")?;
+        }
         s.fsync &= !args.no_fsync;
         if s.host_id.is_empty() {
             s.host_id = hostname();
@@ -402,6 +453,22 @@ impl Settings {
                 .map(|v| v.into_iter().map(|h| h.to_ascii_lowercase()).collect()),
         );
         set(&mut self.pass_env, f.pass_env);
+        if let Some(file) = f.tokens_file {
+            self.tokens.add_file(&base.join(file))?;
+        }
+        if let Some(origins) = f.cors_origins {
+            self.cors_origins = origins
+                .iter()
+                .map(|o| {
+                    canonical_origin(o).with_context(|| {
+                        format!(
+                            "{}: cors_origins: {o:?} is not an origin; write scheme, host and port only, e.g. \"https://app.example.com\" or \"http://localhost:3000\"",
+                            path.display()
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
+        }
         if let Some(hosts) = f.allowed_hosts {
             self.allowed_hosts = hosts
                 .iter()
@@ -439,11 +506,18 @@ impl Settings {
                 self.host_id
             );
         }
-        if !self.listen.ip().is_loopback() && !self.insecure {
+        if !self.listen.ip().is_loopback() && self.tokens.is_empty() && !self.insecure {
             bail!(
                 "refusing to listen on {} without authentication: spoold runs handlers for anyone who can reach it. \
-                 Listen on 127.0.0.1 behind a reverse proxy that authenticates, or pass --insecure if this network is trusted",
+                 Configure tokens (--tokens FILE, see docs/security.md), listen on 127.0.0.1 behind a reverse proxy that authenticates, \
+                 or pass --insecure if this network is trusted",
                 self.listen
+            );
+        }
+        if self.cors_origins.iter().any(|o| o == "*") && self.tokens.is_empty() {
+            bail!(
+                "cors_origins = [\"*\"] lets every web page on the internet drive this spoold from its visitors' browsers; \
+                 it is only allowed together with tokens. Name the origins instead, e.g. [\"https://app.example.com\"]"
             );
         }
         for (name, d) in [
@@ -529,6 +603,30 @@ mod tests {
         assert_eq!(duration_from_secs(0.0).unwrap(), Duration::ZERO);
         for bad in [f64::NAN, f64::INFINITY, -1.0, 1e300, 315_576_000.5] {
             assert!(duration_from_secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins_are_canonical() {
+        for (given, want) in [
+            ("https://App.Example.com", "https://app.example.com"),
+            ("https://app.example.com:443", "https://app.example.com"),
+            ("http://localhost:3000", "http://localhost:3000"),
+            ("HTTP://127.0.0.1:80", "http://127.0.0.1"),
+            ("http://[::1]:8080", "http://[::1]:8080"),
+            ("*", "*"),
+        ] {
+            assert_eq!(canonical_origin(given).as_deref(), Some(want), "{given}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://*.example.com",
+            "ftp://a.com",
+            "https://u@a.com",
+            "null",
+        ] {
+            assert_eq!(canonical_origin(bad), None, "{bad}");
         }
     }
 

@@ -3,10 +3,11 @@
 //! The data path, one module per stage, wired together in [`app`]:
 //! [`spool`] (the directory that is the queue and the store) →
 //! [`watch`] (filesystem hints) → [`dispatch`] (claims and handler runs) →
-//! [`serve`] (HTTP: submit, poll, stream, pages), with [`hub`] carrying status
+//! [`serve`] (HTTP: submit, poll, stream, pages; [`auth`] tokens), with [`hub`] carrying status
 //! changes from dispatch to the followers in serve.
 
 pub mod app;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod dispatch;

@@ -395,7 +395,7 @@ async fn collect_output(running: process::Running) -> (Captured, Vec<u8>) {
 }
 
 /// Folds a progress reading into the status; true when anything changed.
-fn apply_progress(st: &mut Status, p: Progress) -> bool {
+pub fn apply_progress(st: &mut Status, p: Progress) -> bool {
     let mut next = st.next();
     if p.progress.is_some() {
         next.progress = p.progress;

@@ -59,17 +59,16 @@ pub async fn get_status(
     let mut status = read_status(sh, &id)?;
     if wants_html(req.headers(), q.get("format").map(String::as_str)) {
         let check: u32 = q.get("check").and_then(|c| c.parse().ok()).unwrap_or(0);
-        return Ok(pages::wait_page(sh, &status, check));
+        let token = super::bearer::query_token(req.uri());
+        return Ok(pages::wait_page(sh, &status, check, token.as_deref()));
     }
     if let Some(wait) = q.get("wait") {
-        let secs = query::wait_secs(wait).ok_or_else(|| {
+        let limit = query::wait_limit(wait, sh.settings.long_poll_max).ok_or_else(|| {
             Problem::bad_request(
                 "invalid-wait",
                 "wait must be a number of seconds, e.g. ?wait=30",
             )
         })?;
-        let limit =
-            Duration::from_secs_f64(secs.clamp(0.0, sh.settings.long_poll_max.as_secs_f64()));
         let known = if none_match(req.headers(), status.seq) {
             status.seq
         } else {

@@ -16,8 +16,8 @@
 //! `Sec-Fetch-Site`); programs such as curl send neither. So a state-changing
 //! request (any method but GET, HEAD and OPTIONS) is refused with `403` when
 //! `Origin` is `null` or another origin than the one named by `Host`, or when
-//! `Sec-Fetch-Site` says `cross-site` or `same-site`. [`cors_allows`] is the
-//! one place a later CORS allowlist (issue 3) will let chosen origins in.
+//! `Sec-Fetch-Site` says `cross-site` or `same-site`, unless the origin is in
+//! the CORS allowlist (`cors_origins`, see `cors`).
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -138,10 +138,9 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
     }
 }
 
-/// The cross-origin requests allowed anyway. None yet: issue 3 adds a CORS
-/// allowlist here (and answers to preflight `OPTIONS` requests in routes).
-fn cors_allows(_settings: &Settings, _origin: &str) -> bool {
-    false
+/// The cross-origin requests allowed anyway: those from `cors_origins`.
+fn cors_allows(settings: &Settings, origin: &str) -> bool {
+    super::cors::allowed(settings, origin)
 }
 
 fn cross_origin(method: &Method, from: &str) -> Problem {

@@ -10,10 +10,14 @@
 //! # Layout
 //!
 //! `routes` is the table (after the `guard`s: Host against DNS rebinding,
-//! Origin against CSRF); `submit` and `events` are the handlers; `poll` is
+//! Origin against CSRF; then `bearer`, the tokens and their scopes; `cors`
+//! answers preflights and marks answers to allowed origins); `submit` and
+//! `events` are the handlers; `poll` is
 //! ETags and long polling, `sse` the event streams, `pages` the HTML, `query`
 //! the decoding of query strings and headers, `problem` the error documents.
 
+mod bearer;
+mod cors;
 mod events;
 mod guard;
 pub mod pages;

@@ -15,7 +15,7 @@
 use hyper::header::{self, HeaderValue};
 use hyper::Response;
 
-use super::{full, Body};
+use super::{bearer, full, Body};
 use crate::app::Shared;
 use crate::spool::records::{State, Status};
 
@@ -65,11 +65,22 @@ fn page(html: String, cache: &'static str, csp: &'static str) -> Response<Body> 
     );
     h.insert("content-security-policy", HeaderValue::from_static(csp));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // Links may carry ?access_token=: never hand a URL on to another site.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     resp
 }
 
-pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
+/// The wait page. `token` is the `?access_token=` the request came with: a
+/// browser cannot add a header to a page it reloads, so the page's own links
+/// carry it on.
+pub fn wait_page(sh: &Shared, status: &Status, check: u32, token: Option<&str>) -> Response<Body> {
     let id = escape(&status.id);
+    let then_raw = bearer::link_suffix(token, false);
+    let then = escape(&then_raw);
+    let only = escape(&bearer::link_suffix(token, true));
     let kind = escape(&status.kind);
     let max = sh.settings.page_max_checks;
     let refresh = sh.settings.page_refresh.as_secs().max(1);
@@ -78,12 +89,12 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
     let (title, body, reload) = if status.state.is_terminal() {
         (
             format!("{kind}: {}", status.state.as_str()),
-            finished_body(sh, status),
+            finished_body(sh, status, &only),
             None,
         )
     } else if check >= max {
         let body = format!(
-            "<p>Still {state} after {check} checks. <a href=\"/events/{id}?check=0\">Keep waiting</a></p>",
+            "<p>Still {state} after {check} checks. <a href=\"/events/{id}?check=0{then}\">Keep waiting</a></p>",
             state = status.state.as_str()
         );
         (
@@ -107,7 +118,7 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
             format!("Running {kind}…"),
             body,
             Some(format!(
-                "{refresh}; url=/events/{}?check={}",
+                "{refresh}; url=/events/{}?check={}{then_raw}",
                 status.id,
                 check + 1
             )),
@@ -116,7 +127,7 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
          <title>{title}</title><style>{CSS}</style></head><body><main><h1>{title}</h1>{body}\
-         <p class=\"small\">Event <code>{id}</code> · <a href=\"/events/{id}/stream\">stream</a> · <a href=\"/events/{id}?format=json\">status JSON</a></p></main></body></html>"
+         <p class=\"small\">Event <code>{id}</code> · <a href=\"/events/{id}/stream{only}\">stream</a> · <a href=\"/events/{id}?format=json{then}\">status JSON</a></p></main></body></html>"
     );
     let mut resp = page(html, "no-store", WAIT_CSP);
     let h = resp.headers_mut();
@@ -126,12 +137,12 @@ pub fn wait_page(sh: &Shared, status: &Status, check: u32) -> Response<Body> {
     resp
 }
 
-fn finished_body(sh: &Shared, status: &Status) -> String {
+fn finished_body(sh: &Shared, status: &Status, token: &str) -> String {
     let id = escape(&status.id);
     match (status.state, &status.result) {
         (State::Succeeded, Some(info)) => {
             let link = format!(
-                "<p><a href=\"/events/{id}/result\">Open the result</a> ({} bytes, {})</p>",
+                "<p><a href=\"/events/{id}/result{token}\">Open the result</a> ({} bytes, {})</p>",
                 info.bytes,
                 escape(&info.content_type)
             );

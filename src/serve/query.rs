@@ -2,6 +2,7 @@
 //! whether it wants HTML. Pure functions of the request; no I/O.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use hyper::header::HeaderMap;
 use hyper::Uri;
@@ -68,6 +69,14 @@ pub fn wants_html(headers: &HeaderMap, format: Option<&str>) -> bool {
 /// `?wait=N`: a finite number of seconds, or None when it is not one.
 pub fn wait_secs(raw: &str) -> Option<f64> {
     raw.parse::<f64>().ok().filter(|s| s.is_finite())
+}
+
+/// `?wait=N` as the time to wait: N seconds clamped to `0..=max`; None when N
+/// is not a finite number. The `min` keeps the bound exact where `max` has
+/// more precision than an f64 of seconds.
+pub fn wait_limit(raw: &str, max: Duration) -> Option<Duration> {
+    let secs = wait_secs(raw)?.clamp(0.0, max.as_secs_f64());
+    Some(Duration::try_from_secs_f64(secs).map_or(max, |d| d.min(max)))
 }
 
 /// The seq an SSE client has: `Last-Event-ID`, else `?last_event_id=`.

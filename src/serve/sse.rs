@@ -33,6 +33,11 @@ use crate::app::Shared;
 use crate::hub::Subscription;
 use crate::spool::ids::EventId;
 
+/// The decoders of what clients send, public for the fuzz targets (`fuzz/`):
+/// their modules, `query` and `submit`, are private to `serve`.
+pub use super::query::{last_event_id, query, wait_limit, wants_html};
+pub use super::submit::json_body;
+
 /// Encodes one SSE event. `event` and `id` lose any CR, LF or NUL (they
 /// would end the field early); `data` is split into one `data:` line per line.
 pub fn encode(event: Option<&str>, id: Option<&str>, data: &str) -> String {

@@ -159,10 +159,21 @@ async fn read_json_body(sh: &Shared, req: Request<Incoming>) -> Result<Box<RawVa
         return Err(too_large(cap));
     }
     let limit = sh.settings.body_timeout;
-    let collected = tokio::time::timeout(limit, Limited::new(req.into_body(), cap).collect())
+    tokio::time::timeout(limit, json_body(req.into_body(), cap))
         .await
-        .map_err(|_| body_timeout(limit))?;
-    let bytes = collected
+        .map_err(|_| body_timeout(limit))?
+}
+
+/// Reads a body of at most `cap` bytes as one JSON document; an empty (or
+/// all-whitespace) body is `{}`. The JSON passes through byte for byte.
+pub async fn json_body<B>(body: B, cap: usize) -> Result<Box<RawValue>, Problem>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let bytes = Limited::new(body, cap)
+        .collect()
+        .await
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()

@@ -41,6 +41,7 @@ pub struct Server {
     child: Option<Child>,
     extra_config: String,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
     restarts: usize,
 }
 
@@ -50,6 +51,9 @@ pub struct ServerBuilder {
     symlinks: Vec<(String, PathBuf)>,
     config: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
+    files: Vec<(String, String, u32)>,
+    listen: SocketAddr,
 }
 
 /// A new server with no handlers yet.
@@ -60,6 +64,9 @@ pub fn server() -> ServerBuilder {
         symlinks: Vec::new(),
         config: String::new(),
         args: Vec::new(),
+        env: Vec::new(),
+        files: Vec::new(),
+        listen: "127.0.0.1:0".parse().unwrap(),
     }
 }
 
@@ -93,6 +100,24 @@ impl ServerBuilder {
         self
     }
 
+    /// The address to listen on (default 127.0.0.1:0).
+    pub fn listen(mut self, addr: &str) -> Self {
+        self.listen = addr.parse().unwrap();
+        self
+    }
+
+    /// An environment variable for spoold.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// A file next to the config (relative names in the config resolve there).
+    pub fn file(mut self, name: &str, text: &str, mode: u32) -> Self {
+        self.files.push((name.into(), text.into(), mode));
+        self
+    }
+
     pub fn start(self) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool = dir.path().join("spool");
@@ -107,14 +132,20 @@ impl ServerBuilder {
         for (name, target) in &self.symlinks {
             std::os::unix::fs::symlink(target, handlers.join(name)).unwrap();
         }
+        for (name, text, mode) in &self.files {
+            let path = dir.path().join(name);
+            fs::write(&path, text).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(*mode)).unwrap();
+        }
         let mut s = Server {
             dir,
             spool,
             handlers,
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: self.listen,
             child: None,
             extra_config: self.config,
             extra_args: self.args,
+            extra_env: self.env,
             restarts: 0,
         };
         s.launch();
@@ -167,6 +198,7 @@ impl Server {
             .arg("testhost")
             .args(&self.extra_args)
             .env("RUST_LOG", "spoold=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
