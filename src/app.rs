@@ -180,6 +180,10 @@ pub fn fit_open_files(settings: &mut Settings) {
         tracing::warn!(max_connections = settings.max_connections, open_file_limit = lim.rlim_cur, lowered_to = room, "max_connections is above what the open-file limit allows; lowered it (raise `ulimit -n` to allow more)");
         settings.max_connections = room;
     }
+    // Streams never take the last tenth of the connections: polls and
+    // submits always find room.
+    let streams = (settings.max_connections * 9 / 10).max(1);
+    settings.max_streams = settings.max_streams.min(streams);
 }
 
 async fn gc_loop(sh: Arc<Shared>, shutdown: CancellationToken) {

@@ -30,7 +30,7 @@ use super::problem::Problem;
 use super::query::header_str;
 use crate::config::{canonical_host, Settings};
 
-/// Runs both guards; the first refusal wins.
+/// Runs the guards; the first refusal wins.
 pub fn check(
     settings: &Settings,
     method: &Method,

@@ -2,7 +2,11 @@
 //!
 //! Limits that keep one client from starving the rest: at most
 //! `max_connections` open connections (more wait in the kernel's backlog),
-//! `header_timeout` to send a request head, a request body cap
+//! at most `max_connections_per_client` from one address (more are answered
+//! `503` at once; `exempt_clients`, the reverse proxies, are not counted), at
+//! most `max_streams` SSE streams (so polls and submits always find a
+//! connection), `header_timeout` to send a request head and to send the next
+//! one on an idle keep-alive connection, a request body cap
 //! (`max_body_bytes`) and `body_timeout` to send it. On shutdown the listener
 //! closes, SSE streams and long polls end (with an answer), and in-flight
 //! requests get `shutdown_grace` to finish.
@@ -28,8 +32,10 @@ pub mod routes;
 pub mod sse;
 mod submit;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -70,13 +76,14 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
 
 pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(sh.settings.max_connections));
+    let clients = Arc::new(Clients::new(&sh.settings));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore is never closed"),
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -87,6 +94,10 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
                     continue;
                 }
             },
+        };
+        let Some(client) = clients.enter(peer.ip()) else {
+            tokio::spawn(refuse_busy_client(stream));
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let sh2 = Arc::clone(&sh);
@@ -104,6 +115,7 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(client);
             drop(permit);
         });
     }
@@ -114,4 +126,79 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
     {
         tracing::warn!("some connections were still open after shutdown_grace; closing them");
     }
+}
+
+/// Open connections per client address, for `max_connections_per_client`.
+struct Clients {
+    limit: usize,
+    exempt: Vec<IpAddr>,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+}
+
+impl Clients {
+    fn new(settings: &crate::config::Settings) -> Clients {
+        Clients {
+            limit: settings.max_connections_per_client,
+            exempt: settings.exempt_clients.clone(),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection from `ip`; None when it has its share.
+    /// Exempt addresses get a slot that counts nothing.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Option<ClientSlot>> {
+        let ip = ip.to_canonical();
+        if self.exempt.contains(&ip) {
+            return Some(None);
+        }
+        let mut open = self.open.lock().expect("client counts");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(Some(ClientSlot {
+            clients: Arc::clone(self),
+            ip,
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().expect("client counts");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The answer to a client over `max_connections_per_client`: a short `503`,
+/// written without reading its request, then close.
+async fn refuse_busy_client(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = r#"{"type":"/problems/too-many-connections","title":"Too many connections","status":503,"detail":"this client address has max_connections_per_client connections open already; close some (or reuse them with keep-alive) and retry"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let refuse = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent before closing: closing on unread
+        // bytes resets the connection, and the client would never see the 503.
+        let mut sink = [0u8; 4096];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), refuse).await;
 }

@@ -107,7 +107,11 @@ pub fn respond(
         *resp.status_mut() = StatusCode::NO_CONTENT;
         return Ok(resp);
     }
-    sh.metrics.sse_open.fetch_add(1, Ordering::Relaxed);
+    let open = sh.metrics.sse_open.fetch_add(1, Ordering::Relaxed);
+    if open >= sh.settings.max_streams as i64 {
+        sh.metrics.sse_open.fetch_sub(1, Ordering::Relaxed);
+        return Err(too_many_streams(sh.settings.max_streams));
+    }
     let beat = sh.settings.sse_heartbeat;
     let state = Stream {
         sub,
@@ -138,6 +142,17 @@ pub fn respond(
     );
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     Ok(resp)
+}
+
+/// Over `max_streams`: the last connections are kept for polls and submits.
+fn too_many_streams(max: usize) -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too-many-streams",
+        "Too many streams",
+        format!("{max} event streams are open, the most this spoold allows (max_streams); poll GET /events/{{id}} instead, or retry later"),
+    )
+    .header(header::RETRY_AFTER, "5")
 }
 
 async fn next_frame(st: &mut Stream) -> Option<String> {

@@ -3,17 +3,22 @@
 //! `Arc<Settings>` and never sees clap types.
 //!
 //! Precedence: built-in defaults < `--config FILE` < command-line flags.
-//! Every option is documented in `docs/configuration.md`.
+//! Every option is documented in `docs/configuration.md`. `file` reads the
+//! config file; `names` parses durations, host names and origins.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
 
 use crate::auth::Tokens;
+
+mod file;
+mod names;
+
+pub use names::{canonical_host, canonical_origin, duration_from_secs, parse_duration, MAX_DURATION};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -165,6 +170,14 @@ pub struct Settings {
     /// At most this many open connections. `main` lowers it at start to fit
     /// the open-file limit (each connection is a file descriptor).
     pub max_connections: usize,
+    /// At most this many open connections from one client address, except
+    /// from `exempt_clients` (reverse proxies carry many clients).
+    pub max_connections_per_client: usize,
+    pub exempt_clients: Vec<IpAddr>,
+    /// At most this many open SSE streams; more get `503`, so that streams
+    /// never take the last connections from polls and submits. Lowered at
+    /// start to 90% of `max_connections`.
+    pub max_streams: usize,
     /// Host names (canonical, see [`canonical_host`]) this server answers to,
     /// besides the loopback names when it listens on loopback.
     pub allowed_hosts: Vec<String>,
@@ -214,6 +227,9 @@ impl Default for Settings {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            max_connections_per_client: 256,
+            exempt_clients: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(Ipv6Addr::LOCALHOST)],
+            max_streams: 9_000,
             allowed_hosts: Vec::new(),
             tokens: Tokens::default(),
             cors_origins: Vec::new(),
@@ -223,133 +239,6 @@ impl Default for Settings {
             pass_env: Vec::new(),
         }
     }
-}
-
-/// The config file: every field optional, durations as "30s", "5m", "250ms".
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    spool: Option<PathBuf>,
-    handlers: Option<PathBuf>,
-    listen: Option<SocketAddr>,
-    shared: Option<bool>,
-    host_id: Option<String>,
-    insecure: Option<bool>,
-    fsync: Option<bool>,
-    concurrency: Option<usize>,
-    timeout: Option<String>,
-    max_attempts: Option<u32>,
-    backoff_base: Option<String>,
-    backoff_max: Option<String>,
-    kill_grace: Option<String>,
-    lease_ttl: Option<String>,
-    rescan_interval: Option<String>,
-    shared_rescan_interval: Option<String>,
-    progress_interval: Option<String>,
-    retention: Option<String>,
-    gc_interval: Option<String>,
-    gc_batch: Option<usize>,
-    max_body_bytes: Option<usize>,
-    max_result_bytes: Option<u64>,
-    stderr_tail_bytes: Option<usize>,
-    page_refresh: Option<String>,
-    page_max_checks: Option<u32>,
-    sse_heartbeat: Option<String>,
-    sse_retry: Option<String>,
-    long_poll_max: Option<String>,
-    shutdown_grace: Option<String>,
-    header_timeout: Option<String>,
-    body_timeout: Option<String>,
-    max_connections: Option<usize>,
-    allowed_hosts: Option<Vec<String>>,
-    tokens_file: Option<PathBuf>,
-    cors_origins: Option<Vec<String>>,
-    forward_headers: Option<Vec<String>>,
-    pass_env: Option<Vec<String>>,
-}
-
-/// The longest duration any setting may have: 10 years (humantime's `"10y"`).
-/// Longer values are mistakes, and would overflow deadlines (`Instant + d`).
-pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
-
-/// Parses "30s", "1m 30s", "250ms"; a bare number means seconds. Refuses
-/// negative and non-finite numbers and anything over [`MAX_DURATION`].
-pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<f64>() {
-        return duration_from_secs(secs).with_context(|| format!("{s:?} is not a valid duration"));
-    }
-    let d = humantime::parse_duration(s).with_context(|| {
-        format!("{s:?} is not a duration; write e.g. \"30s\", \"5m\" or \"250ms\"")
-    })?;
-    if d > MAX_DURATION {
-        bail!("{s:?} is too long: durations are at most 10 years (\"10y\")");
-    }
-    Ok(d)
-}
-
-/// A number of seconds as a duration, with the checks of [`parse_duration`].
-pub fn duration_from_secs(secs: f64) -> anyhow::Result<Duration> {
-    if !secs.is_finite() {
-        bail!("{secs} seconds is not a finite number");
-    }
-    if secs < 0.0 {
-        bail!("{secs} seconds is negative");
-    }
-    if secs > MAX_DURATION.as_secs_f64() {
-        bail!("{secs} seconds is too long: durations are at most 10 years (315576000 seconds)");
-    }
-    Duration::try_from_secs_f64(secs).with_context(|| format!("{secs} seconds is not a duration"))
-}
-
-/// An origin as the CORS check compares it: `scheme://host[:port]` with the
-/// host canonical and the scheme's default port left out; `*` stays `*`.
-/// None when it is not an http(s) origin (a path, a wildcard in a name).
-pub fn canonical_origin(origin: &str) -> Option<String> {
-    let origin = origin.trim();
-    if origin == "*" {
-        return Some("*".into());
-    }
-    let (scheme, rest) = origin.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" => 80,
-        "https" => 443,
-        _ => return None,
-    };
-    if rest.contains(['/', '@', '?', '#']) {
-        return None;
-    }
-    let a = rest.parse::<hyper::http::uri::Authority>().ok()?;
-    let host = canonical_host(a.host())?;
-    Some(match a.port_u16() {
-        Some(p) if p != default_port => format!("{scheme}://{host}:{p}"),
-        _ => format!("{scheme}://{host}"),
-    })
-}
-
-/// A host name as the Host check compares it: lowercase, without a trailing
-/// dot, IPv6 addresses bracketed in canonical form (`[::1]`). None when it is
-/// not a host name or IP address (a port, a path, a user or a wildcard).
-pub fn canonical_host(name: &str) -> Option<String> {
-    let name = name.trim().to_ascii_lowercase();
-    let name = name.strip_suffix('.').unwrap_or(&name);
-    let inner = name
-        .strip_prefix('[')
-        .and_then(|n| n.strip_suffix(']'))
-        .unwrap_or(name);
-    if let Ok(ip) = inner.parse::<Ipv6Addr>() {
-        return Some(format!("[{ip}]"));
-    }
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        return Some(ip.to_string());
-    }
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    ok.then(|| name.to_owned())
 }
 
 impl Settings {
@@ -386,108 +275,18 @@ impl Settings {
         Ok(s)
     }
 
-    fn apply_file(&mut self, path: &Path) -> anyhow::Result<()> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the config file {}", path.display()))?;
-        let f: FileConfig = toml::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a valid spoold config (see docs/configuration.md)",
-                path.display()
-            )
-        })?;
-        let dur = |name: &str, v: Option<String>, slot: &mut Duration| -> anyhow::Result<()> {
-            if let Some(v) = v {
-                *slot =
-                    parse_duration(&v).with_context(|| format!("{}: {name}", path.display()))?;
-            }
-            Ok(())
-        };
-        dur("timeout", f.timeout, &mut self.timeout)?;
-        dur("backoff_base", f.backoff_base, &mut self.backoff_base)?;
-        dur("backoff_max", f.backoff_max, &mut self.backoff_max)?;
-        dur("kill_grace", f.kill_grace, &mut self.kill_grace)?;
-        dur("lease_ttl", f.lease_ttl, &mut self.lease_ttl)?;
-        dur(
-            "rescan_interval",
-            f.rescan_interval,
-            &mut self.rescan_interval,
-        )?;
-        dur(
-            "shared_rescan_interval",
-            f.shared_rescan_interval,
-            &mut self.shared_rescan_interval,
-        )?;
-        dur(
-            "progress_interval",
-            f.progress_interval,
-            &mut self.progress_interval,
-        )?;
-        dur("retention", f.retention, &mut self.retention)?;
-        dur("gc_interval", f.gc_interval, &mut self.gc_interval)?;
-        dur("page_refresh", f.page_refresh, &mut self.page_refresh)?;
-        dur("sse_heartbeat", f.sse_heartbeat, &mut self.sse_heartbeat)?;
-        dur("sse_retry", f.sse_retry, &mut self.sse_retry)?;
-        dur("long_poll_max", f.long_poll_max, &mut self.long_poll_max)?;
-        dur("shutdown_grace", f.shutdown_grace, &mut self.shutdown_grace)?;
-        dur("header_timeout", f.header_timeout, &mut self.header_timeout)?;
-        dur("body_timeout", f.body_timeout, &mut self.body_timeout)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        set(&mut self.spool_dir, f.spool.map(|p| base.join(p)));
-        set(&mut self.handlers_dir, f.handlers.map(|p| base.join(p)));
-        set(&mut self.listen, f.listen);
-        self.shared = f.shared.or(self.shared);
-        set(&mut self.host_id, f.host_id);
-        set(&mut self.insecure, f.insecure);
-        set(&mut self.fsync, f.fsync);
-        set(&mut self.concurrency, f.concurrency);
-        set(&mut self.max_attempts, f.max_attempts);
-        set(&mut self.gc_batch, f.gc_batch);
-        set(&mut self.max_body_bytes, f.max_body_bytes);
-        set(&mut self.max_result_bytes, f.max_result_bytes);
-        set(&mut self.stderr_tail_bytes, f.stderr_tail_bytes);
-        set(&mut self.page_max_checks, f.page_max_checks);
-        set(&mut self.max_connections, f.max_connections);
-        set(
-            &mut self.forward_headers,
-            f.forward_headers
-                .map(|v| v.into_iter().map(|h| h.to_ascii_lowercase()).collect()),
-        );
-        set(&mut self.pass_env, f.pass_env);
-        if let Some(file) = f.tokens_file {
-            self.tokens.add_file(&base.join(file))?;
-        }
-        if let Some(origins) = f.cors_origins {
-            self.cors_origins = origins
-                .iter()
-                .map(|o| {
-                    canonical_origin(o).with_context(|| {
-                        format!(
-                            "{}: cors_origins: {o:?} is not an origin; write scheme, host and port only, e.g. \"https://app.example.com\" or \"http://localhost:3000\"",
-                            path.display()
-                        )
-                    })
-                })
-                .collect::<anyhow::Result<_>>()?;
-        }
-        if let Some(hosts) = f.allowed_hosts {
-            self.allowed_hosts = hosts
-                .iter()
-                .map(|h| {
-                    canonical_host(h).with_context(|| {
-                        format!(
-                            "{}: allowed_hosts: {h:?} is not a host name; write a name or IP address without port, e.g. \"jobs.example.com\"",
-                            path.display()
-                        )
-                    })
-                })
-                .collect::<anyhow::Result<_>>()?;
-        }
-        Ok(())
-    }
-
     fn validate(&self) -> anyhow::Result<()> {
         if self.concurrency == 0 {
             bail!("concurrency must be at least 1");
+        }
+        for (name, n) in [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_client", self.max_connections_per_client),
+            ("max_streams", self.max_streams),
+        ] {
+            if n == 0 {
+                bail!("{name} must be at least 1");
+            }
         }
         if self.max_attempts == 0 {
             bail!("max_attempts must be at least 1");
@@ -564,92 +363,5 @@ fn hostname() -> String {
         "localhost".into()
     } else {
         clean
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_and_are_capped_at_ten_years() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(
-            parse_duration(" 1.5 ").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(parse_duration("10y").unwrap(), MAX_DURATION);
-        assert_eq!(parse_duration("315576000").unwrap(), MAX_DURATION);
-        for bad in ["11y", "3653d", "315576001", "1e300", "1000000000000y"] {
-            let e = format!("{:#}", parse_duration(bad).unwrap_err());
-            assert!(
-                e.contains("10 years") || e.contains("not a duration"),
-                "{bad}: {e}"
-            );
-        }
-        for bad in ["inf", "-inf", "NaN", "-1", "-0.5"] {
-            let e = format!("{:#}", parse_duration(bad).unwrap_err());
-            assert!(e.contains(bad), "{bad}: {e}");
-        }
-        assert!(parse_duration("soon").is_err());
-    }
-
-    #[test]
-    fn duration_from_secs_checks_like_parse_duration() {
-        assert_eq!(
-            duration_from_secs(0.25).unwrap(),
-            Duration::from_millis(250)
-        );
-        assert_eq!(duration_from_secs(0.0).unwrap(), Duration::ZERO);
-        for bad in [f64::NAN, f64::INFINITY, -1.0, 1e300, 315_576_000.5] {
-            assert!(duration_from_secs(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn origins_are_canonical() {
-        for (given, want) in [
-            ("https://App.Example.com", "https://app.example.com"),
-            ("https://app.example.com:443", "https://app.example.com"),
-            ("http://localhost:3000", "http://localhost:3000"),
-            ("HTTP://127.0.0.1:80", "http://127.0.0.1"),
-            ("http://[::1]:8080", "http://[::1]:8080"),
-            ("*", "*"),
-        ] {
-            assert_eq!(canonical_origin(given).as_deref(), Some(want), "{given}");
-        }
-        for bad in [
-            "app.example.com",
-            "https://app.example.com/",
-            "https://*.example.com",
-            "ftp://a.com",
-            "https://u@a.com",
-            "null",
-        ] {
-            assert_eq!(canonical_origin(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn host_names_are_canonical() {
-        assert_eq!(
-            canonical_host("Jobs.Example.COM.").as_deref(),
-            Some("jobs.example.com")
-        );
-        assert_eq!(canonical_host("::1").as_deref(), Some("[::1]"));
-        assert_eq!(canonical_host("[0:0::1]").as_deref(), Some("[::1]"));
-        assert_eq!(canonical_host("10.0.0.5").as_deref(), Some("10.0.0.5"));
-        for bad in [
-            "",
-            ".",
-            "*",
-            "*.example.com",
-            "a.com:8080",
-            "user@a.com",
-            "a/b",
-            "[1.2.3.4]",
-        ] {
-            assert_eq!(canonical_host(bad), None, "{bad}");
-        }
     }
 }
