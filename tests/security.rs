@@ -468,3 +468,32 @@ fn a_types_name_is_never_a_path() {
     }
     assert!(common::names(&srv.spool.join("queue")).is_empty());
 }
+
+#[test]
+fn handlers_get_a_clean_environment_without_spoolds_secrets() {
+    let srv = common::server()
+        .handler("envdump", "#!/bin/sh\nenv\n")
+        .env("SPOOLD_TOKENS", &format!("ops admin {OPS}"))
+        .env("SECRET_OF_THE_OPERATOR", "hunter2")
+        .start();
+    let r = call(&srv, "POST", "/events/envdump", Some(OPS), "{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    common::wait_until(secs(10), "the handler ran", || {
+        call(&srv, "GET", &format!("/events/{id}"), Some(OPS), "").json()["state"] == "succeeded"
+    });
+    let env = call(&srv, "GET", &format!("/events/{id}/result"), Some(OPS), "").text();
+    assert!(env.contains(&format!("SPOOL_ID={id}")), "{env}");
+    assert!(
+        !env.contains(OPS) && !env.contains("SPOOLD_TOKENS"),
+        "{env}"
+    );
+    assert!(!env.contains("hunter2"), "{env}");
+    let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    for name in &names {
+        assert!(
+            name.starts_with("SPOOL_") || ["PATH", "LANG", "PWD", "SHLVL", "_"].contains(name),
+            "unexpected variable {name} in a handler's environment: {env}"
+        );
+    }
+}
