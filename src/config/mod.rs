@@ -18,7 +18,9 @@ use crate::auth::Tokens;
 mod file;
 mod names;
 
-pub use names::{canonical_host, canonical_origin, duration_from_secs, parse_duration, MAX_DURATION};
+pub use names::{
+    canonical_host, canonical_origin, duration_from_secs, parse_duration, MAX_DURATION,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -228,7 +230,10 @@ impl Default for Settings {
             body_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_connections_per_client: 256,
-            exempt_clients: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(Ipv6Addr::LOCALHOST)],
+            exempt_clients: vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(Ipv6Addr::LOCALHOST),
+            ],
             max_streams: 9_000,
             allowed_hosts: Vec::new(),
             tokens: Tokens::default(),
@@ -281,7 +286,10 @@ impl Settings {
         }
         for (name, n) in [
             ("max_connections", self.max_connections),
-            ("max_connections_per_client", self.max_connections_per_client),
+            (
+                "max_connections_per_client",
+                self.max_connections_per_client,
+            ),
             ("max_streams", self.max_streams),
         ] {
             if n == 0 {
