@@ -263,7 +263,14 @@ impl Dispatcher {
         };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            runner::run(Arc::clone(&done.sh), id, token, abort).await;
+            runner::run(Arc::clone(&done.sh), id.clone(), token, abort).await;
+            // The run is over and its handler group stopped. Every way out
+            // but one dropped the process mark with the claim; a run that
+            // lost its claim to another host (the lease lapsed) recorded
+            // nothing, so its mark would stay until a restart (found by the
+            // multihost frozen-host test). Not reached after a panic: then
+            // the mark is what lets the rescan kill the handler.
+            runner::blocking(&done.sh, move |sh| sh.spool.forget_process(&id)).await;
             drop(done);
         });
     }
@@ -369,16 +376,27 @@ fn take_over_stale_claims(
             else {
                 continue;
             };
-            if is_own && ours.contains(&id) {
+            // Only files are claims (a directory named like an ID is a stray).
+            if (is_own && ours.contains(&id)) || !claim.file_type().is_ok_and(|t| t.is_file()) {
                 continue;
             }
-            let Ok(mtime) = claim.metadata().and_then(|m| m.modified()) else {
+            let Ok(cached) = claim.metadata().and_then(|m| m.modified()) else {
+                continue;
+            };
+            if fs_now.duration_since(cached).unwrap_or_default() <= ttl {
+                continue;
+            }
+            // Looks stale, but the client's attribute cache (NFS actimeo)
+            // may be older than the owner's last heartbeat: ask the server
+            // before calling it stale (the multihost tests' 4 s attribute
+            // cache took over every live lease of 3 s without this).
+            let path = claim.path();
+            let Ok(mtime) = crate::spool::claim::fresh_mtime(&path) else {
                 continue;
             };
             if fs_now.duration_since(mtime).unwrap_or_default() <= ttl {
                 continue;
             }
-            let path = claim.path();
             if suspects.get(&path) != Some(&mtime) {
                 seen_stale.insert(path, mtime);
                 continue;

@@ -202,7 +202,7 @@ pub fn give_back(
         .status_or_rebuild(id)?
         .unwrap_or_else(|| Status::initial(&env));
     if status.state.is_terminal() {
-        return sh.spool.release(id, token);
+        return sh.spool.release_final(id, token, &status);
     }
     let mut next = status.next();
     let delay = backoff(&sh.settings, status.attempt.max(1));
@@ -232,23 +232,12 @@ pub fn dead_on_arrival(
         .flatten()
         .map(|e| e.kind)
         .unwrap_or_default();
-    let mut attempts = 0;
-    if let Ok(Some(status)) = sh.spool.read_status(id) {
-        attempts = status.attempt;
-        let mut next = status.next();
-        next.state = State::Failed;
-        next.dead_letter = true;
-        next.error = Some(format!("the event's files are damaged: {why}"));
-        next.finished_at = Some(next.updated_at);
-        sh.spool.write_status(&next, Durability::Durable)?;
-        sh.hub.publish(&next);
+    // A status is written even when none can be read (see give_up_damaged).
+    if let Some(status) = sh.spool.give_up_damaged(id, token, &kind, why)? {
+        sh.hub.publish(&status);
     }
     Metrics::inc(&sh.metrics.dead_lettered);
-    sh.spool.dead_letter(
-        id,
-        token,
-        &DeadLetter::new(id.as_str(), &kind, attempts, Some(why.to_owned())),
-    )
+    Ok(())
 }
 
 /// Cancels an event that sits in the queue by claiming it, so that only its
@@ -278,7 +267,7 @@ pub fn cancel_queued(sh: &Shared, id: &EventId) -> Result<bool, SpoolError> {
         }
     };
     if status.state.is_terminal() {
-        sh.spool.release(id, token)?;
+        sh.spool.release_final(id, token, &status)?;
         return Ok(false);
     }
     cancel_unstarted(sh, id, token, &env, status)?;

@@ -8,6 +8,7 @@
 //! than failing the event.
 
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -15,6 +16,9 @@ use serde_json::Value;
 
 const MAX_MESSAGE: usize = 4096;
 const MAX_DATA: usize = 64 * 1024;
+/// The most of progress.json that is read: far more than a message and data
+/// take; a larger file is not a progress report.
+const MAX_FILE: u64 = 1024 * 1024;
 
 /// One reading of progress.json.
 #[derive(Debug, Default, PartialEq)]
@@ -42,13 +46,25 @@ impl ProgressFile {
 
     /// The new contents, if the file changed since the last call.
     pub fn poll(&mut self) -> Option<Progress> {
-        let meta = fs::metadata(&self.path).ok()?;
+        let meta = fs::symlink_metadata(&self.path).ok()?;
         let sig = (meta.mtime(), meta.mtime_nsec(), meta.ino(), meta.len());
         if self.seen == Some(sig) {
             return None;
         }
         self.seen = Some(sig);
-        let bytes = fs::read(&self.path).ok()?;
+        // Only a regular file, at most MAX_FILE: the handler may have left a
+        // symlink (to a file outside the spool, or /dev/zero) or a FIFO here.
+        let mut bytes = Vec::new();
+        let read = crate::spool::open_regular(&self.path)
+            .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut bytes));
+        if let Err(e) = read {
+            tracing::warn!(path = %self.path.display(), error = %e, "progress.json cannot be read; ignored (write a regular file, atomically)");
+            return None;
+        }
+        if bytes.len() as u64 > MAX_FILE {
+            tracing::warn!(path = %self.path.display(), "progress.json is over 1 MiB; ignored");
+            return None;
+        }
         let parsed = parse(&bytes);
         if parsed.is_none() {
             tracing::warn!(path = %self.path.display(), "progress.json is not a JSON object; ignored (write it atomically: to a temp file, then rename)");

@@ -26,7 +26,13 @@ pub fn store(
 ) -> Result<Result<Option<ResultInfo>, String>, SpoolError> {
     let path = sh.spool.event_dir(id).join("result");
     let cap = sh.settings.max_result_bytes;
-    let (len, head) = match fs::metadata(&path) {
+    // symlink_metadata: a symlink (to a file outside the spool, or to a
+    // device) is not a result; it would be served as one (found by the
+    // fault suite's bad-handler tests).
+    let (len, head) = match fs::symlink_metadata(&path) {
+        Ok(m) if !m.is_file() => {
+            return Ok(Err("the result is not a regular file (a symlink, FIFO or device); write the result itself to $SPOOL_RESULT".into()))
+        }
         Ok(m) if m.len() > cap => {
             return Ok(Err(format!(
                 "the result file is {} bytes, over max_result_bytes ({cap})",
@@ -55,7 +61,7 @@ pub fn store(
 
 fn read_head(path: &Path) -> Vec<u8> {
     let mut head = Vec::new();
-    if let Ok(f) = fs::File::open(path) {
+    if let Ok(f) = crate::spool::open_regular(path) {
         let _ = f.take(512).read_to_end(&mut head);
     }
     head

@@ -119,8 +119,8 @@ async fn attempt(
     };
     Metrics::inc(&sh.metrics.started);
     sh.metrics.running.fetch_add(1, Ordering::Relaxed);
-    let (id2, pid) = (id.clone(), running.pid);
-    blocking(sh, move |sh| mark_process(sh, &id2, pid)).await;
+    let (id2, pid, attempt) = (id.clone(), running.pid, st.attempt);
+    blocking(sh, move |sh| mark_process(sh, &id2, pid, attempt)).await;
 
     let mut progress = ProgressFile::new(dir.join("progress.json"));
     let ending = supervise(
@@ -151,6 +151,15 @@ async fn attempt(
     let reported_type = progress.content_type.take();
     let id = id.clone();
     blocking(sh, move |sh| {
+        // The event's directory (or its event.json) was removed while the
+        // handler ran, by the handler or by hand: put event.json back from
+        // memory, so that the event ends with a status that says so instead
+        // of vanishing (found by the fault suite's bad-handler tests).
+        if sh.spool.holds(&id, token) && sh.spool.restore_envelope(&id, &env)? {
+            tracing::error!("the event's directory was removed while its handler ran; failing the event");
+            let why = "the event's directory was removed while its handler ran (by the handler, or by hand); not retried";
+            return outcome::finish(sh, &id, token, &env, st, Verdict::Exhausted(why.into()));
+        }
         if !stderr.is_empty() {
             if let Err(e) = sh
                 .spool
@@ -192,7 +201,7 @@ fn start(sh: &Shared, id: &EventId, token: ClaimToken) -> Result<Option<Started>
         .status_or_rebuild(id)?
         .unwrap_or_else(|| Status::initial(&env));
     if status.state.is_terminal() {
-        spool.release(id, token)?;
+        spool.release_final(id, token, &status)?;
         return Ok(None);
     }
     if spool.event_dir(id).join("cancel").exists() {
@@ -318,8 +327,8 @@ fn handler_env(
 
 /// Notes the handler's pid, start time and boot, so that a restarted
 /// spoold (or a rescan that finds the claim abandoned) can kill it.
-fn mark_process(sh: &Shared, id: &EventId, pid: i32) {
-    let Some(mark) = ProcessMark::of(pid) else {
+fn mark_process(sh: &Shared, id: &EventId, pid: i32, attempt: u32) {
+    let Some(mark) = ProcessMark::of(pid, attempt) else {
         return;
     };
     if let Err(e) = sh.spool.mark_process(id, &mark) {

@@ -213,6 +213,40 @@ impl Spool {
     }
 }
 
+/// The mtime of `path` as the file server has it now. A plain stat on NFS
+/// (or FUSE) may answer from the client's attribute cache (`actimeo`,
+/// `attr_timeout`), which can hold a lease heartbeat several seconds old;
+/// `AT_STATX_FORCE_SYNC` asks the server. Used before judging a lease
+/// expired, so a long attribute cache cannot expire the lease of a live
+/// owner.
+pub fn fresh_mtime(path: &Path) -> io::Result<SystemTime> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statx writes into a zeroed struct we own; c is NUL-terminated.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC;
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            flags,
+            libc::STATX_MTIME,
+            &mut buf,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // No statx (old kernel or libc): the cached answer is all there is.
+            Some(libc::ENOSYS) | Some(libc::EINVAL) => fs::symlink_metadata(path)?.modified(),
+            _ => Err(e),
+        };
+    }
+    let t = buf.stx_mtime;
+    let since = std::time::Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec);
+    Ok(SystemTime::UNIX_EPOCH + since)
+}
+
 fn touch(path: &Path) -> io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -231,9 +265,12 @@ fn list_ids(dir: &Path) -> Result<(Vec<EventId>, Vec<PathBuf>)> {
     for entry in fs::read_dir(dir).at("list", dir)? {
         let entry = entry.at("list", dir)?;
         let name = entry.file_name();
+        // A directory (or FIFO) named like an ID is hand-made too: claiming,
+        // reading or releasing it fails on every rescan (fault suite).
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
         match name.to_str().map(|n| (n, EventId::parse(n))) {
             // Only canonical (upper-case) names: anything else is hand-made.
-            Some((n, Ok(id))) if id.as_str() == n => ids.push(id),
+            Some((n, Ok(id))) if id.as_str() == n && is_file => ids.push(id),
             _ => strays.push(entry.path()),
         }
     }

@@ -257,16 +257,58 @@ fn check_format(root: &Path) -> Result<()> {
 }
 
 /// Reads a whole file; `Ok(None)` when it is not there (or vanished under us).
+/// Only a regular file (see [`open_regular`]): anything else is `Damaged`.
 pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
-    match fs::read(path) {
+    use std::io::Read;
+    let read = open_regular(path).and_then(|mut f| {
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    match read {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if is_gone(&e) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(SpoolError::Damaged {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        }),
         Err(e) => Err(SpoolError::Io {
             op: "read",
             path: path.to_owned(),
             source: e,
         }),
     }
+}
+
+/// Opens a file for reading only if it is a regular file: never through a
+/// symlink (`O_NOFOLLOW`), and without blocking on a FIFO (`O_NONBLOCK`),
+/// else `InvalidInput`. Handlers write into their event's directory and can
+/// leave a symlink to a file outside the spool, or a FIFO or device, where
+/// spoold expects a file: following it would read what the operator never
+/// meant to serve, and reading it would block a thread for good or never end
+/// (found by the fault suite's bad-handler tests).
+pub fn open_regular(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let not_regular = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a symlink, FIFO or device)",
+        )
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                not_regular()
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(file)
 }
 
 /// True when `path` is on a network or FUSE filesystem, where other hosts'

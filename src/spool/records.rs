@@ -183,7 +183,11 @@ impl Status {
     /// The next version of this status: `seq` bumped and `updated_at` set.
     pub fn next(&self) -> Status {
         let mut s = self.clone();
-        s.seq += 1;
+        // Saturating: only a damaged or hand-edited status.json has seq
+        // u64::MAX, and `+= 1` on it panicked (debug) or went back to 0
+        // (release), under ETags and SSE ids that must never go back. Found
+        // by the `records` fuzz target.
+        s.seq = s.seq.saturating_add(1);
         s.updated_at = Timestamp::now();
         s
     }
