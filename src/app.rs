@@ -53,7 +53,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
     let settings = Arc::new(settings);
     // Bind first: a second spoold on the same port stops here, before it
     // touches the spool.
-    let listener = TcpListener::bind(settings.listen)
+    let listener = bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
@@ -154,6 +154,25 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
 /// Raises the soft open-file limit to the hard one, and keeps
 /// `max_connections` below it (with room for the spool and handlers' pipes),
 /// so that a crowd of clients meets the connection limit, not EMFILE.
+/// Binds `addr`, retrying for up to 2 s while it is in use: right after a
+/// spoold is killed, a handler it was starting can hold its listening socket
+/// for some milliseconds (between fork and exec). Another server that keeps
+/// the port is still reported, 2 s later.
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn fit_open_files(settings: &mut Settings) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -497,3 +497,31 @@ fn handlers_get_a_clean_environment_without_spoolds_secrets() {
         );
     }
 }
+
+#[test]
+fn a_result_swapped_for_a_symlink_or_cut_short_is_never_served() {
+    let srv = common::server().handler("echo", "#!/bin/sh\ncat\n").start();
+    let id = srv.submit("echo", r#"{"n": 12345}"#);
+    assert_eq!(srv.wait_final(&id, secs(10))["state"], "succeeded");
+    let result = srv.spool.join("events").join(&id).join("result");
+    // A process the handler left behind swaps the result for a link to
+    // something outside the spool after the event ended.
+    let outside = srv.dir.path().join("outside");
+    std::fs::write(&outside, "TOP SECRET, not a result").unwrap();
+    std::fs::remove_file(&result).unwrap();
+    std::os::unix::fs::symlink(&outside, &result).unwrap();
+    let r = srv.get(&format!("/events/{id}/result"));
+    assert_eq!(r.status, 500);
+    assert!(!r.text().contains("TOP SECRET"), "{}", r.text());
+    // Cut short by hand: damaged, not served short.
+    std::fs::remove_file(&result).unwrap();
+    std::fs::write(&result, r#"{"n": 1"#).unwrap();
+    let r = srv.get(&format!("/events/{id}/result"));
+    assert_eq!(r.status, 500);
+    assert!(
+        r.json()["detail"].as_str().unwrap().contains("damaged"),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains(srv.dir.path().to_str().unwrap()));
+}

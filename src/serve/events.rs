@@ -93,7 +93,7 @@ pub async fn get_status(
     Ok(resp)
 }
 
-pub fn get_result(sh: &Shared, raw: &str) -> Result<Response<Body>, Problem> {
+pub async fn get_result(sh: &Arc<Shared>, raw: &str) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
     let status = read_status(sh, &id)?;
     if !status.state.is_terminal() {
@@ -124,11 +124,37 @@ pub fn get_result(sh: &Shared, raw: &str) -> Result<Response<Body>, Problem> {
         return Ok(resp);
     };
     let path = sh.spool.event_dir(&id).join("result");
-    let bytes = std::fs::read(&path).map_err(|e| {
-        tracing::error!(path = %path.display(), error = %e, "cannot read a result");
+    let want = info.bytes;
+    let read = tokio::task::spawn_blocking(move || read_result(&path, want))
+        .await
+        .map_err(|e| Problem::internal(format!("reading the result failed: {e}")))?;
+    let bytes = read.map_err(|e| {
+        tracing::error!(%id, error = %e, "cannot serve a result");
         Problem::internal(format!("the result of {id} could not be read: {e}"))
     })?;
     Ok(result_response(bytes, &info.content_type, status.seq))
+}
+
+/// The result file, exactly as long as its status says. Not a symlink or a
+/// FIFO (a handler's leftover process could put one there after the event
+/// ended), and never more than recorded: a file cut or grown by hand is
+/// damaged, not served.
+fn read_result(path: &std::path::Path, want: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(want.min(1 << 20) as usize);
+    crate::spool::open_regular(path)?
+        .take(want + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 != want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the result file is damaged: {} bytes where the status records {want}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A result's bytes, which must never run script with this origin's authority.

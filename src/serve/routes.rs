@@ -64,7 +64,7 @@ async fn answer(
             "CloudEvents submission is not available yet; POST your JSON to /events/{type} instead",
         )),
         (&Method::GET, ["events", id]) => events::get_status(sh, id, &req, &shutdown).await,
-        (&Method::GET, ["events", id, "result"]) => events::get_result(sh, id),
+        (&Method::GET, ["events", id, "result"]) => events::get_result(sh, id).await,
         (&Method::GET, ["events", id, "stream"]) => events::stream(sh, id, &req, shutdown),
         (&Method::DELETE, ["events", id]) => events::cancel(sh, id, &shutdown).await,
         (_, [""] | ["healthz"] | ["metrics"] | ["handlers"] | ["events", _, "result"] | ["events", _, "stream"]) => Err(not_allowed("GET, HEAD")),
