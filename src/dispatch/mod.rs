@@ -53,8 +53,12 @@ pub enum Msg {
     Seen(EventId),
     /// Something may have been missed: list `queue/` again.
     Rescan,
-    /// A run ended (or panicked).
-    Finished(EventId, String),
+    /// A handler process of this type ended (or its run ended without one):
+    /// its slot is free. Sent before the run's final writes, so the next
+    /// handler starts while they are flushed.
+    SlotFree(String),
+    /// A run ended (or panicked): its event is no longer ours.
+    Finished(EventId),
 }
 
 /// The sending side, held by the server, the watcher and the runners.
@@ -93,9 +97,13 @@ impl DispatchHandle {
 struct Dispatcher {
     sh: Arc<Shared>,
     pending: Pending,
-    /// Runs going on now: ID → type.
+    /// Runs going on now (claimed, not yet finished): ID → type.
     running: HashMap<EventId, String>,
-    /// Runs going on now, per type.
+    /// Slots taken: runs whose handler has not ended yet. `concurrency`
+    /// and the per-type limits count these, not `running`: a run whose
+    /// handler has exited only writes its outcome.
+    busy: usize,
+    /// Slots taken, per type.
     per_type: HashMap<String, usize>,
     limits: Limits,
     /// Claims seen stale once: a second sighting, unchanged, is needed.
@@ -118,6 +126,7 @@ pub async fn run(
         sh,
         pending: Pending::default(),
         running: HashMap::new(),
+        busy: 0,
         per_type: HashMap::new(),
         limits: Limits::default(),
         suspects: HashMap::new(),
@@ -170,11 +179,14 @@ impl Dispatcher {
                     tracing::error!(error = %e, "cannot list the queue");
                 }
             }
-            Msg::Finished(id, kind) => {
-                self.running.remove(&id);
+            Msg::SlotFree(kind) => {
+                self.busy = self.busy.saturating_sub(1);
                 if let Some(n) = self.per_type.get_mut(&kind) {
                     *n = n.saturating_sub(1);
                 }
+            }
+            Msg::Finished(id) => {
+                self.running.remove(&id);
             }
         }
     }
@@ -233,7 +245,7 @@ impl Dispatcher {
     fn start_due(&mut self) {
         let capacity = self.sh.settings.concurrency;
         self.pending.promote(Timestamp::now().unix_ms());
-        while self.running.len() < capacity {
+        while self.busy < capacity {
             let (per_type, limits, dir) = (
                 &self.per_type,
                 &mut self.limits,
@@ -255,15 +267,19 @@ impl Dispatcher {
 
     fn start(&mut self, id: EventId, kind: String, token: ClaimToken) {
         self.running.insert(id.clone(), kind.clone());
+        self.busy += 1;
         *self.per_type.entry(kind.clone()).or_default() += 1;
+        let slot = Slot {
+            sh: Arc::clone(&self.sh),
+            kind: Some(kind),
+        };
         let done = Done {
             sh: Arc::clone(&self.sh),
             id: Some(id.clone()),
-            kind,
         };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            runner::run(Arc::clone(&done.sh), id.clone(), token, abort).await;
+            runner::run(Arc::clone(&done.sh), id.clone(), token, abort, slot).await;
             // The run is over and its handler group stopped. Every way out
             // but one dropped the process mark with the claim; a run that
             // lost its claim to another host (the lease lapsed) recorded
@@ -280,7 +296,6 @@ impl Dispatcher {
 struct Done {
     sh: Arc<Shared>,
     id: Option<EventId>,
-    kind: String,
 }
 
 impl Drop for Done {
@@ -289,9 +304,23 @@ impl Drop for Done {
             if std::thread::panicking() {
                 tracing::error!(%id, "the run panicked; its claim is recovered once its lease expires");
             }
-            self.sh
-                .dispatch
-                .send(Msg::Finished(id, std::mem::take(&mut self.kind)));
+            self.sh.dispatch.send(Msg::Finished(id));
+        }
+    }
+}
+
+/// A slot for one handler process. The runner drops it as soon as the
+/// handler has ended (or when the run ends without one, a panic included),
+/// which lets the next handler start.
+pub struct Slot {
+    sh: Arc<Shared>,
+    kind: Option<String>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(kind) = self.kind.take() {
+            self.sh.dispatch.send(Msg::SlotFree(kind));
         }
     }
 }

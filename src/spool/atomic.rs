@@ -11,15 +11,22 @@
 //! lost and the retransmission failed). Both operations therefore check the
 //! outcome on disk, by inode, before reporting failure.
 //!
-//! Known limit: fsync is per call; batching concurrent writers into one commit
-//! is left to the filesystem's journal (ext4 and xfs already merge concurrent
-//! commits).
+//! **Group commit.** Flushing is done by [`AtomicWriter::barrier`], not by an
+//! fsync per file and directory: a barrier returns once a `syncfs` of the
+//! spool's filesystem that *started after it was asked for* has finished, so
+//! everything written before the barrier is on disk. Concurrent writers (HTTP
+//! submits, finishing runs) share one `syncfs`: while one runs, the next
+//! batch gathers, and its leader flushes for all. A submit that used to
+//! need five flushes (journal, `event.json`, its directory, `events/`,
+//! `queue/`) needs two barriers, shared with every other submit in flight.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 /// Writes files atomically through one staging directory.
 #[derive(Debug)]
@@ -28,6 +35,7 @@ pub struct AtomicWriter {
     prefix: String,
     counter: AtomicU64,
     fsync: bool,
+    flusher: Flusher,
 }
 
 /// How much a write must survive (when fsync is enabled in the config).
@@ -39,15 +47,32 @@ pub enum Durability {
     /// version, but never a torn or empty file (renaming unsynced data can
     /// leave an empty file on XFS, or on ext4 mounted noauto_da_alloc).
     DataOnly,
+    /// No flush at all: survives a crash of spoold (the page cache has it),
+    /// not a power cut, which may leave the previous version or an empty
+    /// file. Only for what recovery rebuilds anyway: the status of a running
+    /// event (rebuilt from `event.json` when damaged) and process marks
+    /// (after a power cut there is no process left to stop). It keeps every
+    /// flush off the path from a claim to a started handler.
+    Volatile,
 }
 
 impl AtomicWriter {
     pub fn new(tmp_dir: PathBuf, host: &str, fsync: bool) -> AtomicWriter {
         AtomicWriter {
+            flusher: Flusher::new(&tmp_dir),
             tmp_dir,
             prefix: format!("{host}.{}.", std::process::id()),
             counter: AtomicU64::new(0),
             fsync,
+        }
+    }
+
+    /// Everything written so far is on disk when this returns (fsync on).
+    pub fn barrier(&self) -> io::Result<()> {
+        if self.fsync {
+            self.flusher.flush()
+        } else {
+            Ok(())
         }
     }
 
@@ -62,26 +87,43 @@ impl AtomicWriter {
         self.tmp_dir.join(format!("{}{n}{suffix}", self.prefix))
     }
 
-    /// Writes `bytes` to a new staging file and returns its path.
+    /// Writes `bytes` to a new staging file, flushed (fsync on), and returns
+    /// its path.
     pub fn stage(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
-        let path = self.staging_path(suffix);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        let written =
-            file.write_all(bytes)
-                .and_then(|()| if self.fsync { file.sync_data() } else { Ok(()) });
-        if let Err(e) = written {
+        let path = self.stage_unflushed(bytes, suffix)?;
+        if let Err(e) = self.barrier() {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
         Ok(path)
     }
 
+    /// Writes `bytes` to a new staging file without flushing it: the caller
+    /// calls [`barrier`](Self::barrier) before the file is given a final name.
+    pub fn stage_unflushed(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
+        let path = self.staging_path(suffix);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        if let Err(e) = file.write_all(bytes) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    /// Writes a staging file, flushed unless `durability` is `Volatile`.
+    fn stage_for(&self, bytes: &[u8], durability: Durability) -> io::Result<PathBuf> {
+        match durability {
+            Durability::Volatile => self.stage_unflushed(bytes, ""),
+            _ => self.stage(bytes, ""),
+        }
+    }
+
     /// Replaces `dest` with `bytes` in one step.
     pub fn replace(&self, dest: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
-        let staged = self.stage(bytes, "")?;
+        let staged = self.stage_for(bytes, durability)?;
         if let Err(e) = rename_checked(&staged, dest) {
             let _ = fs::remove_file(&staged);
             return Err(e);
@@ -96,7 +138,7 @@ impl AtomicWriter {
         bytes: &[u8],
         durability: Durability,
     ) -> io::Result<bool> {
-        let staged = self.stage(bytes, "")?;
+        let staged = self.stage_for(bytes, durability)?;
         let created = publish_staged(&staged, dest);
         let _ = fs::remove_file(&staged);
         let created = created?;
@@ -106,11 +148,12 @@ impl AtomicWriter {
         Ok(created)
     }
 
-    /// fsyncs the directory holding `path`, if this durability asks for it.
-    pub fn sync_parent(&self, path: &Path, durability: Durability) -> io::Result<()> {
-        match path.parent() {
-            Some(dir) if self.syncs(durability) => sync_dir(dir),
-            _ => Ok(()),
+    /// Makes the new name of `path` durable, if this durability asks for it.
+    pub fn sync_parent(&self, _path: &Path, durability: Durability) -> io::Result<()> {
+        if self.syncs(durability) {
+            self.flusher.flush()
+        } else {
+            Ok(())
         }
     }
 
@@ -205,8 +248,77 @@ fn same_inode(path: &Path, ino: u64) -> bool {
         .unwrap_or(false)
 }
 
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Group commit of the spool's filesystem: see the module documentation.
+#[derive(Debug)]
+struct Flusher {
+    /// Any directory of the spool: `syncfs` flushes the filesystem it is on.
+    dir: Option<File>,
+    batch: Mutex<Batch>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Batch {
+    /// Tickets handed out: the number of flushes asked for.
+    asked: u64,
+    /// Every ticket up to this one is covered by a finished `syncfs`.
+    flushed: u64,
+    /// A `syncfs` is running now.
+    running: bool,
+    /// Recent failed flushes: (first ticket, last ticket, errno).
+    failures: Vec<(u64, u64, i32)>,
+}
+
+impl Flusher {
+    fn new(dir: &Path) -> Flusher {
+        Flusher {
+            dir: File::open(dir).ok(),
+            batch: Mutex::new(Batch::default()),
+            done: Condvar::new(),
+        }
+    }
+
+    /// Returns when a `syncfs` that started after this call has finished.
+    fn flush(&self) -> io::Result<()> {
+        let Some(dir) = &self.dir else {
+            return Err(io::Error::other(
+                "the spool's tmp directory could not be opened to flush it",
+            ));
+        };
+        let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        b.asked += 1;
+        let ticket = b.asked;
+        loop {
+            if b.flushed >= ticket {
+                return match b.failures.iter().find(|f| f.0 <= ticket && ticket <= f.1) {
+                    Some(&(_, _, errno)) => Err(io::Error::from_raw_os_error(errno)),
+                    None => Ok(()),
+                };
+            }
+            if b.running {
+                b = self.done.wait(b).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Lead the next batch: every ticket asked for so far rides on it.
+            b.running = true;
+            let first = b.flushed + 1;
+            let last = b.asked;
+            drop(b);
+            // SAFETY: syncfs on a descriptor this struct owns.
+            let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+            let err = (rc != 0).then(io::Error::last_os_error);
+            b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            b.running = false;
+            b.flushed = last;
+            if let Some(e) = &err {
+                b.failures
+                    .push((first, last, e.raw_os_error().unwrap_or(libc::EIO)));
+                let keep = b.failures.len().saturating_sub(64);
+                b.failures.drain(..keep);
+            }
+            self.done.notify_all();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -201,7 +201,7 @@ impl Spool {
         let path = dir.join(format!("{id}.process"));
         let bytes = serde_json::to_vec(mark).expect("serializable");
         self.writer()
-            .replace(&path, &bytes, Durability::DataOnly)
+            .replace(&path, &bytes, Durability::Volatile)
             .at("write", &path)
     }
 

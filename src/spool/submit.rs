@@ -4,11 +4,13 @@
 //! 1. (with an Idempotency-Key) `idem/<sha256(key)>` is created with link(),
 //!    naming the ID; a later submit with the same key finds it and gets the
 //!    same event (or a conflict when its body differs);
-//! 2. the queue entry is staged as `tmp/<host>.<pid>.<n>.queue.<id>` (fsync'd):
-//!    this is the journal that lets recovery finish step 4 after a crash;
-//! 3. `event.json` is written into a staging directory, which is renamed to
+//! 2. the queue entry is staged as `tmp/<host>.<pid>.<n>.queue.<id>`: this is
+//!    the journal that lets recovery finish step 4 after a crash;
+//! 3. `event.json` is written into a staging directory; a barrier (group
+//!    commit, see `atomic`) puts both on disk; the directory is renamed to
 //!    `events/<id>` whole, so an event directory is never seen incomplete;
-//! 4. the staged entry is linked to `queue/<id>`, then the staging name removed.
+//! 4. the staged entry is linked to `queue/<id>`; a second barrier puts both
+//!    new names on disk; then the staging name is removed.
 //!
 //! A crash before step 3 leaves only staging files (removed by recovery); a
 //! crash between 3 and 4 leaves the journal, which recovery publishes. The
@@ -23,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::atomic::{publish_staged, sync_dir, Durability};
+use super::atomic::{publish_staged, Durability};
 use super::ids::{EventId, HandlerType};
 use super::records::{Envelope, QueueEntry, Status, Timestamp};
 use super::{read_if_exists, IoContext, Result, Spool, SpoolError};
@@ -138,11 +140,14 @@ impl Spool {
         let w = self.writer();
         let entry_bytes = serde_json::to_vec(entry).expect("serializable");
         let journal = w
-            .stage(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
+            .stage_unflushed(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
             .at("stage a queue entry in", &self.dir("tmp"))?;
         let result = self.place_event_dir(id, env).and_then(|placed| {
             if placed {
-                self.publish_journal(&journal, id)?;
+                let dest = self.queue_path(id);
+                publish_staged(&journal, &dest).at("publish", &dest)?;
+                // The second barrier: both new names are on disk.
+                w.barrier().at("sync", &self.dir("queue"))?;
             }
             Ok(placed)
         });
@@ -157,11 +162,9 @@ impl Spool {
             fs::create_dir(&staging)?;
             let file = staging.join("event.json");
             fs::write(&file, serde_json::to_vec_pretty(env).expect("serializable"))?;
-            if w.syncs(Durability::Durable) {
-                fs::File::open(&file)?.sync_data()?;
-                sync_dir(&staging)?;
-            }
-            Ok(())
+            // The first barrier: the journal and the staged directory are on
+            // disk before either gets its final name.
+            w.barrier()
         };
         let staged = write().at("stage the event directory", &staging);
         let placed = staged.and_then(|()| match fs::rename(&staging, self.event_dir(id)) {
@@ -181,10 +184,6 @@ impl Spool {
         });
         if !matches!(placed, Ok(true)) {
             let _ = fs::remove_dir_all(&staging);
-        }
-        if matches!(placed, Ok(true)) {
-            w.sync_parent(&self.event_dir(id), Durability::Durable)
-                .at("sync", &self.dir("events"))?;
         }
         placed
     }
