@@ -229,6 +229,40 @@ fn serve_refuses_a_public_address_without_insecure() {
 }
 
 #[test]
+fn a_second_spoold_with_the_same_spool_and_host_id_refuses_and_touches_nothing() {
+    let srv = common::server().handler("held", common::BLOCKING).start();
+    let id = srv.submit("held", "{}");
+    common::wait_until(common::secs(10), "the handler runs", || {
+        common::state(&srv.status(&id)) == "running"
+    });
+    let out = spoold(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+        srv.spool.to_str().unwrap(),
+        "--handlers",
+        srv.handlers.to_str().unwrap(),
+        "--host-id",
+        "testhost",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("another spoold (pid {})", srv.pid())) && err.contains("--host-id"),
+        "{err}"
+    );
+    // The first one's claim and run are untouched.
+    assert_eq!(common::state(&srv.status(&id)), "running");
+    assert_eq!(
+        common::names(&srv.spool.join("running").join("testhost")),
+        vec![id.clone()]
+    );
+    std::fs::write(srv.dir.path().join(format!("go-{id}")), b"").unwrap();
+    assert_eq!(srv.wait_final(&id, common::secs(10))["attempt"], 1);
+}
+
+#[test]
 fn serve_refuses_a_spool_of_another_format() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
