@@ -1,0 +1,3 @@
+#![no_main]
+// The check lives in src/records.rs, so tests/fuzz.rs replays the corpus through it on stable.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| spoold_fuzz::records::check(data));
