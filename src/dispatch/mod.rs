@@ -53,9 +53,7 @@ pub enum Msg {
     Seen(EventId),
     /// Something may have been missed: list `queue/` again.
     Rescan,
-    /// A handler process of this type ended (or its run ended without one):
-    /// its slot is free. Sent before the run's final writes, so the next
-    /// handler starts while they are flushed.
+    /// A run of this type ended (or panicked): its slot is free.
     SlotFree(String),
     /// A run ended (or panicked): its event is no longer ours.
     Finished(EventId),
@@ -99,9 +97,11 @@ struct Dispatcher {
     pending: Pending,
     /// Runs going on now (claimed, not yet finished): ID → type.
     running: HashMap<EventId, String>,
-    /// Slots taken: runs whose handler has not ended yet. `concurrency`
-    /// and the per-type limits count these, not `running`: a run whose
-    /// handler has exited only writes its outcome.
+    /// Slots taken: runs not ended yet. `concurrency` and the per-type
+    /// limits count these. (A slot is held until the run's outcome is
+    /// written, so a host never holds more claims than it can run; freeing
+    /// it at the handler's exit was tried and let a host hold more claims
+    /// than slots, which the several-hosts harness caught.)
     busy: usize,
     /// Slots taken, per type.
     per_type: HashMap<String, usize>,
@@ -309,9 +309,8 @@ impl Drop for Done {
     }
 }
 
-/// A slot for one handler process. The runner drops it as soon as the
-/// handler has ended (or when the run ends without one, a panic included),
-/// which lets the next handler start.
+/// A slot for one run, freed when the run ends, however it ends (a panic
+/// too), which lets the next one start.
 pub struct Slot {
     sh: Arc<Shared>,
     kind: Option<String>,

@@ -52,12 +52,14 @@ pub async fn run(
     id: EventId,
     token: ClaimToken,
     abort: CancellationToken,
-    slot: Slot,
+    // Held until the outcome is written: a host holds no more claims than
+    // it has slots ("claim only what you can run now", across hosts).
+    _slot: Slot,
 ) {
     use tracing::Instrument;
     let span = tracing::info_span!("event", %id);
     async {
-        if let Err(e) = attempt(&sh, &id, token, &abort, slot).await {
+        if let Err(e) = attempt(&sh, &id, token, &abort).await {
             tracing::error!(error = %e, "spool error during the attempt; giving the event back to the queue");
             let why = e.brief();
             let given = blocking(&sh, move |sh| outcome::give_back(sh, &id, token, &why)).await;
@@ -89,7 +91,6 @@ async fn attempt(
     id: &EventId,
     token: ClaimToken,
     abort: &CancellationToken,
-    slot: Slot,
 ) -> Result<(), SpoolError> {
     let id2 = id.clone();
     let Some(Started { env, spec, mut st }) =
@@ -144,9 +145,6 @@ async fn attempt(
     .await;
     sh.metrics.running.fetch_sub(1, Ordering::Relaxed);
     let (stdout, stderr) = collect_output(running).await;
-    // The handler is done: the next one may start while this outcome is
-    // written (and flushed, together with others).
-    drop(slot);
     // Exiting (killed by SIGPIPE, say) may beat the overflow signal: stdout decides.
     let ending = if stdout.overflowed {
         Ending::Overflow
