@@ -158,19 +158,28 @@ impl Status {
     /// The status of an event that no one has touched since it was submitted.
     pub fn initial(env: &Envelope) -> Status {
         Status {
-            id: env.id.clone(),
-            kind: env.kind.clone(),
+            max_attempts: env.max_attempts,
+            ..Status::queued(&env.id, &env.kind, env.submitted_at)
+        }
+    }
+
+    /// A queued status with nothing known but the ID, type and submit time
+    /// (seq 0, no attempts).
+    pub fn queued(id: &str, kind: &str, submitted_at: Timestamp) -> Status {
+        Status {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
             state: State::Queued,
             seq: 0,
             progress: None,
             message: None,
             data: serde_json::Value::Object(Default::default()),
             attempt: 0,
-            max_attempts: env.max_attempts,
+            max_attempts: 0,
             host: None,
-            submitted_at: env.submitted_at,
+            submitted_at,
             started_at: None,
-            updated_at: env.submitted_at,
+            updated_at: submitted_at,
             finished_at: None,
             retry_at: None,
             exit_code: None,

@@ -397,25 +397,13 @@ impl Spool {
 fn placeholder_status(id: &EventId, kind: &str) -> Status {
     let now = Timestamp::now();
     Status {
-        id: id.to_string(),
-        kind: kind.to_owned(),
-        state: State::Queued,
         seq: now.unix_ms(),
-        progress: None,
-        message: None,
-        data: serde_json::json!({}),
-        attempt: 0,
-        max_attempts: 0,
-        host: None,
-        submitted_at: Timestamp::from_unix_ms(id.timestamp_ms()),
-        started_at: None,
         updated_at: now,
-        finished_at: None,
-        retry_at: None,
-        exit_code: None,
-        error: None,
-        dead_letter: false,
-        result: None,
+        ..Status::queued(
+            id.as_str(),
+            kind,
+            Timestamp::from_unix_ms(id.timestamp_ms()),
+        )
     }
 }
 
