@@ -955,3 +955,22 @@ fn an_absurd_timeout_in_a_handler_toml_is_refused_and_dispatch_goes_on() {
         "{st}"
     );
 }
+
+#[test]
+fn retention_deletes_finished_events_and_keeps_unfinished_ones() {
+    let srv = common::server()
+        .handler("echo", "#!/bin/sh\ncat\n")
+        .handler("held", common::BLOCKING)
+        .config("retention = \"1s\"\ngc_interval = \"200ms\"")
+        .start();
+    let done = srv.submit("echo", "{}");
+    let held = srv.submit("held", "{}");
+    assert_eq!(srv.wait_final(&done, secs(10))["state"], "succeeded");
+    let gone = srv.spool.join("events").join(&done);
+    common::wait_until(secs(15), "the finished event is swept", || !gone.exists());
+    assert_eq!(srv.get(&format!("/events/{done}")).status, 404);
+    // Older than the retention too, but not finished: kept, and it still runs.
+    assert_eq!(common::state(&srv.status(&held)), "running");
+    std::fs::write(srv.dir.path().join(format!("go-{held}")), b"").unwrap();
+    assert_eq!(srv.wait_final(&held, secs(10))["state"], "succeeded");
+}
