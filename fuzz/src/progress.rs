@@ -70,24 +70,14 @@ pub fn check(data: &[u8]) {
 fn running() -> Status {
     let at = Timestamp::from_unix_ms(1_700_000_000_000);
     Status {
-        id: "01HF7YAT00AAAAAAAAAAAAAAAA".into(),
-        kind: "report".into(),
         state: State::Running,
         seq: 2,
         progress: Some(10.0),
         message: Some("started".into()),
-        data: Value::Object(Default::default()),
         attempt: 1,
         max_attempts: 3,
         host: Some("web1".into()),
-        submitted_at: at,
         started_at: Some(at),
-        updated_at: at,
-        finished_at: None,
-        retry_at: None,
-        exit_code: None,
-        error: None,
-        dead_letter: false,
-        result: None,
+        ..Status::queued("01HF7YAT00AAAAAAAAAAAAAAAA", "report", at)
     }
 }

@@ -53,10 +53,8 @@ pub enum Msg {
     Seen(EventId),
     /// Something may have been missed: list `queue/` again.
     Rescan,
-    /// A run of this type ended (or panicked): its slot is free.
-    SlotFree(String),
-    /// A run ended (or panicked): its event is no longer ours.
-    Finished(EventId),
+    /// A run ended (or panicked): its slot is free, and its event no longer ours.
+    Finished(EventId, String),
 }
 
 /// The sending side, held by the server, the watcher and the runners.
@@ -97,13 +95,8 @@ struct Dispatcher {
     pending: Pending,
     /// Runs going on now (claimed, not yet finished): ID → type.
     running: HashMap<EventId, String>,
-    /// Slots taken: runs not ended yet. `concurrency` and the per-type
-    /// limits count these. (A slot is held until the run's outcome is
-    /// written, so a host never holds more claims than it can run; freeing
-    /// it at the handler's exit was tried and let a host hold more claims
-    /// than slots, which the several-hosts harness caught.)
-    busy: usize,
-    /// Slots taken, per type.
+    /// Runs going on now, per type. A run (its slot) lasts until its
+    /// outcome is written, so a host never holds more claims than it can run.
     per_type: HashMap<String, usize>,
     limits: Limits,
     /// Claims seen stale once: a second sighting, unchanged, is needed.
@@ -126,7 +119,6 @@ pub async fn run(
         sh,
         pending: Pending::default(),
         running: HashMap::new(),
-        busy: 0,
         per_type: HashMap::new(),
         limits: Limits::default(),
         suspects: HashMap::new(),
@@ -179,14 +171,11 @@ impl Dispatcher {
                     tracing::error!(error = %e, "cannot list the queue");
                 }
             }
-            Msg::SlotFree(kind) => {
-                self.busy = self.busy.saturating_sub(1);
+            Msg::Finished(id, kind) => {
+                self.running.remove(&id);
                 if let Some(n) = self.per_type.get_mut(&kind) {
                     *n = n.saturating_sub(1);
                 }
-            }
-            Msg::Finished(id) => {
-                self.running.remove(&id);
             }
         }
     }
@@ -245,7 +234,7 @@ impl Dispatcher {
     fn start_due(&mut self) {
         let capacity = self.sh.settings.concurrency;
         self.pending.promote(Timestamp::now().unix_ms());
-        while self.busy < capacity {
+        while self.running.len() < capacity {
             let (per_type, limits, dir) = (
                 &self.per_type,
                 &mut self.limits,
@@ -267,19 +256,15 @@ impl Dispatcher {
 
     fn start(&mut self, id: EventId, kind: String, token: ClaimToken) {
         self.running.insert(id.clone(), kind.clone());
-        self.busy += 1;
         *self.per_type.entry(kind.clone()).or_default() += 1;
-        let slot = Slot {
-            sh: Arc::clone(&self.sh),
-            kind: Some(kind),
-        };
         let done = Done {
             sh: Arc::clone(&self.sh),
             id: Some(id.clone()),
+            kind,
         };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            runner::run(Arc::clone(&done.sh), id.clone(), token, abort, slot).await;
+            runner::run(Arc::clone(&done.sh), id.clone(), token, abort).await;
             // The run is over and its handler group stopped. Every way out
             // but one dropped the process mark with the claim; a run that
             // lost its claim to another host (the lease lapsed) recorded
@@ -296,6 +281,7 @@ impl Dispatcher {
 struct Done {
     sh: Arc<Shared>,
     id: Option<EventId>,
+    kind: String,
 }
 
 impl Drop for Done {
@@ -304,22 +290,9 @@ impl Drop for Done {
             if std::thread::panicking() {
                 tracing::error!(%id, "the run panicked; its claim is recovered once its lease expires");
             }
-            self.sh.dispatch.send(Msg::Finished(id));
-        }
-    }
-}
-
-/// A slot for one run, freed when the run ends, however it ends (a panic
-/// too), which lets the next one start.
-pub struct Slot {
-    sh: Arc<Shared>,
-    kind: Option<String>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(kind) = self.kind.take() {
-            self.sh.dispatch.send(Msg::SlotFree(kind));
+            self.sh
+                .dispatch
+                .send(Msg::Finished(id, std::mem::take(&mut self.kind)));
         }
     }
 }

@@ -29,7 +29,6 @@ use super::handlers::{self, HandlerSpec};
 use super::outcome::{self, Ending, Verdict};
 use super::process::{self, Captured, Launch};
 use super::progress::{Progress, ProgressFile};
-use super::Slot;
 use crate::app::Shared;
 use crate::metrics::Metrics;
 use crate::spool::atomic::Durability;
@@ -47,15 +46,7 @@ struct Started {
 }
 
 /// Runs one attempt of a claimed event.
-pub async fn run(
-    sh: Arc<Shared>,
-    id: EventId,
-    token: ClaimToken,
-    abort: CancellationToken,
-    // Held until the outcome is written: a host holds no more claims than
-    // it has slots ("claim only what you can run now", across hosts).
-    _slot: Slot,
-) {
+pub async fn run(sh: Arc<Shared>, id: EventId, token: ClaimToken, abort: CancellationToken) {
     use tracing::Instrument;
     let span = tracing::info_span!("event", %id);
     async {
