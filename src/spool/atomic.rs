@@ -282,7 +282,7 @@ impl Flusher {
     fn flush(&self) -> io::Result<()> {
         let Some(dir) = &self.dir else {
             return Err(io::Error::other(
-                "the spool's tmp directory could not be opened to flush it",
+                "cannot flush the spool: its tmp/ directory could not be opened; check that spoold may read the spool directory",
             ));
         };
         let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
