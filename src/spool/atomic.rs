@@ -189,7 +189,24 @@ pub fn publish_staged(staged: &Path, dest: &Path) -> io::Result<bool> {
 /// elsewhere (NFS, FUSE) a check then a rename, whose window only a
 /// hand-made file could fall into: spoold never creates a name it is about
 /// to rename onto.
+///
+/// An error after which `from` is gone and `to` is the same file is taken
+/// as a lost NFS reply: the rename happened. That reading is only right
+/// when no other host may move `from` to `to` meanwhile; where several
+/// may (taking over a stale claim), use [`rename_noreplace_contended`].
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    rename_noreplace_inner(from, to, true)
+}
+
+/// [`rename_noreplace`] for a `from` that other hosts race to move: an
+/// error is an error, even when `to` then holds the file, since that is
+/// what the winner of the race leaves. A lost reply is then reported as a
+/// loss, which costs nothing but a missed log line: the file is in place.
+pub fn rename_noreplace_contended(from: &Path, to: &Path) -> io::Result<()> {
+    rename_noreplace_inner(from, to, false)
+}
+
+fn rename_noreplace_inner(from: &Path, to: &Path, lost_reply_check: bool) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
@@ -217,10 +234,15 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             if fs::symlink_metadata(to).is_ok() {
                 return Err(io::Error::from(io::ErrorKind::AlreadyExists));
             }
-            rename_checked(from, to)
+            if lost_reply_check {
+                rename_checked(from, to)
+            } else {
+                fs::rename(from, to)
+            }
         }
         // A lost NFS reply: it may have happened after all.
-        _ if ino.is_some()
+        _ if lost_reply_check
+            && ino.is_some()
             && !from.exists()
             && ino == fs::symlink_metadata(to).map(|m| m.ino()).ok() =>
         {
@@ -350,5 +372,25 @@ mod tests {
         assert!(!w.create_new(&dest, b"second", Durability::Durable).unwrap());
         assert_eq!(fs::read(&dest).unwrap(), b"first");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn only_the_winner_of_a_contended_rename_is_told_it_moved_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("claim"), dir.path().join("queued"));
+        let race = std::sync::Barrier::new(2);
+        for round in 0..2000 {
+            fs::write(&from, b"claim").unwrap();
+            let won = std::thread::scope(|s| {
+                let take = || {
+                    race.wait();
+                    rename_noreplace_contended(&from, &to).is_ok()
+                };
+                let other = s.spawn(take);
+                take() as u32 + other.join().unwrap() as u32
+            });
+            assert_eq!(won, 1, "round {round}");
+            fs::remove_file(&to).unwrap();
+        }
     }
 }

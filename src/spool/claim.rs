@@ -29,7 +29,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::atomic::{rename_noreplace, Durability};
+use super::atomic::{rename_noreplace, rename_noreplace_contended, Durability};
 use super::ids::EventId;
 use super::records::{DeadLetter, QueueEntry};
 use super::{is_gone, IoContext, Result, Spool};
@@ -187,10 +187,11 @@ impl Spool {
         self.release(id, token)
     }
 
-    /// Moves another host's claim back to `queue/` (a takeover). Exactly one
-    /// of several hosts racing for it succeeds; false for the others.
+    /// Moves another host's claim back to `queue/` (a takeover). Of several
+    /// hosts racing for it, only the one whose rename moved it gets true
+    /// (none does, if that rename's reply was lost on NFS).
     pub fn take_over(&self, claim: &Path, id: &EventId) -> Result<bool> {
-        match rename_noreplace(claim, &self.queue_path(id)) {
+        match rename_noreplace_contended(claim, &self.queue_path(id)) {
             Ok(()) => Ok(true),
             Err(e) if is_gone(&e) || e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(e).at("take over", claim),
