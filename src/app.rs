@@ -31,6 +31,8 @@ pub struct Shared {
     pub settings: Arc<Settings>,
     pub spool: Arc<Spool>,
     pub hub: Arc<Hub>,
+    /// Final statuses kept for polls (see `serve::statuses`).
+    pub statuses: crate::serve::statuses::Statuses,
     pub metrics: Metrics,
     pub dispatch: DispatchHandle,
     /// True when other hosts may be writing to this spool.
@@ -76,6 +78,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
         settings: Arc::clone(&settings),
         spool: Arc::new(spool),
         hub: Arc::default(),
+        statuses: Default::default(),
         metrics: Metrics::default(),
         dispatch,
         shared_fs,

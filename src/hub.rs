@@ -12,8 +12,9 @@
 //! ([`Hub::followed`]) and publishes what moved on.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::spool::ids::EventId;
@@ -21,12 +22,61 @@ use crate::spool::records::Status;
 
 #[derive(Default)]
 pub struct Hub {
-    channels: Mutex<HashMap<EventId, watch::Sender<Arc<Status>>>>,
+    channels: Mutex<HashMap<EventId, watch::Sender<Arc<StatusView>>>>,
+}
+
+/// A status and its encodings, each made once however many read it: the
+/// JSON that polls send, and the SSE frames every subscriber sends.
+pub struct StatusView {
+    pub status: Status,
+    json: OnceLock<Bytes>,
+    frames: [OnceLock<Bytes>; 2],
+}
+
+/// The SSE event a status is sent as (see `serve::sse`).
+#[derive(Clone, Copy)]
+pub enum Frame {
+    Status = 0,
+    End = 1,
+}
+
+impl From<Status> for StatusView {
+    fn from(status: Status) -> StatusView {
+        StatusView {
+            status,
+            json: OnceLock::new(),
+            frames: Default::default(),
+        }
+    }
+}
+
+impl std::ops::Deref for StatusView {
+    type Target = Status;
+
+    fn deref(&self) -> &Status {
+        &self.status
+    }
+}
+
+impl StatusView {
+    /// The JSON body of `GET /events/{id}`.
+    pub fn json(&self) -> Bytes {
+        self.json
+            .get_or_init(|| Bytes::from(self.status.to_json()))
+            .clone()
+    }
+
+    /// The SSE frame of this status as `frame`, made by `encode`.
+    pub fn frame(&self, frame: Frame, encode: impl FnOnce(&[u8]) -> String) -> Bytes {
+        self.frames[frame as usize]
+            .get_or_init(|| Bytes::from(encode(&self.json())))
+            .clone()
+    }
 }
 
 /// A live view of one event's status. Dropping it unsubscribes.
 pub struct Subscription {
-    pub rx: watch::Receiver<Arc<Status>>,
+    pub rx: watch::Receiver<Arc<StatusView>>,
     hub: Arc<Hub>,
     id: EventId,
 }
@@ -58,7 +108,7 @@ impl Hub {
                     tx.subscribe()
                 }
                 None => {
-                    let (tx, rx) = watch::channel(Arc::new(first));
+                    let (tx, rx) = watch::channel(Arc::new(StatusView::from(first)));
                     channels.insert(id.clone(), tx);
                     rx
                 }
@@ -86,10 +136,10 @@ impl Hub {
 }
 
 /// Replaces the channel's value when `status` is newer.
-fn offer(tx: &watch::Sender<Arc<Status>>, status: &Status) {
+fn offer(tx: &watch::Sender<Arc<StatusView>>, status: &Status) {
     tx.send_if_modified(|current| {
         if status.seq > current.seq {
-            *current = Arc::new(status.clone());
+            *current = Arc::new(StatusView::from(status.clone()));
             true
         } else {
             false

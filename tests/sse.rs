@@ -654,3 +654,69 @@ fn open_streams_end_cleanly_on_sigterm_and_spoold_exits_0() {
         );
     }
 }
+
+/// Reads one whole response with a Content-Length off a keep-alive socket.
+fn read_sized_response(sock: &mut TcpStream) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(sock.read(&mut byte).unwrap(), 1, "closed mid-head");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a content-length");
+    let mut body = vec![0u8; len];
+    sock.read_exact(&mut body).unwrap();
+    head + &String::from_utf8(body).unwrap()
+}
+
+/// The first request of a connection is sorted before hyper sees it (see
+/// src/serve/direct.rs); a stream asked for later on a keep-alive
+/// connection, as a browser reusing its connection does, still streams.
+#[test]
+fn a_stream_asked_for_on_a_used_keep_alive_connection_streams_too() {
+    use std::io::Write;
+    let srv = common::server().handler("job", &stepping(1)).start();
+    let id = srv.submit("job", "{}");
+    let mut sock = TcpStream::connect(srv.addr).unwrap();
+    sock.set_read_timeout(Some(FINAL)).unwrap();
+    let poll = format!("GET /events/{id} HTTP/1.1\r\nHost: {}\r\n\r\n", srv.addr);
+    sock.write_all(poll.as_bytes()).unwrap();
+    let answer = read_sized_response(&mut sock);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut s = Sse::over(sock, &stream_path(&id), &[]);
+    assert_eq!(s.status, 200, "{:?}", s.raw);
+    expect_retry(&mut s);
+    until_message(&mut s, "step 1");
+    go(&srv, &id, 1);
+    let fin = check_sequence(&s.until("end", FINAL), &id);
+    assert_eq!(fin["state"], "succeeded");
+    assert!(s.ends_within(SOON), "the stream must close after end");
+}
+
+/// A subscriber that hangs up is let go at once, not at the next
+/// heartbeat (an hour away here): its slot under max_streams is free again.
+#[test]
+fn a_subscriber_that_hangs_up_is_let_go_at_once() {
+    let srv = common::server()
+        .handler("job", &stepping(1))
+        .config("sse_heartbeat = \"1h\"")
+        .start();
+    let id = srv.submit("job", "{}");
+    let mut s = open(&srv, &id, &[]);
+    expect_retry(&mut s);
+    wait_streams_open(&srv, 1);
+    drop(s);
+    wait_streams_open(&srv, 0);
+    go(&srv, &id, 1);
+    srv.wait_final(&id, FINAL);
+}

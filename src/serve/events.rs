@@ -8,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::poll::{self, etag, known_seq, none_match};
 use super::problem::Problem;
 use super::query::{self, query, wants_html};
+use super::statuses::StatusView;
 use super::{full, json_response, pages, sse, Body};
 use crate::app::Shared;
 use crate::dispatch::runner;
@@ -40,8 +41,8 @@ fn parse_id(raw: &str) -> Result<EventId, Problem> {
     EventId::parse(raw).map_err(|e| Problem::bad_request("invalid-id", e.0))
 }
 
-fn read_status(sh: &Shared, id: &EventId) -> Result<Status, Problem> {
-    sh.spool.read_status(id)?.ok_or_else(|| {
+fn read_status(sh: &Shared, id: &EventId) -> Result<Arc<StatusView>, Problem> {
+    sh.statuses.load(&sh.spool, id)?.ok_or_else(|| {
         Problem::not_found(format!(
             "no event {id}: it never existed, or it finished longer ago than the retention period"
         ))
@@ -56,11 +57,11 @@ pub async fn get_status(
 ) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
     let q = query(req.uri());
-    let mut status = read_status(sh, &id)?;
+    let mut view = read_status(sh, &id)?;
     if wants_html(req.headers(), q.get("format").map(String::as_str)) {
         let check: u32 = q.get("check").and_then(|c| c.parse().ok()).unwrap_or(0);
         let token = super::bearer::query_token(req.uri());
-        return Ok(pages::wait_page(sh, &status, check, token.as_deref()));
+        return Ok(pages::wait_page(sh, &view.status, check, token.as_deref()));
     }
     if let Some(wait) = q.get("wait") {
         let limit = query::wait_limit(wait, sh.settings.long_poll_max).ok_or_else(|| {
@@ -69,35 +70,40 @@ pub async fn get_status(
                 "wait must be a number of seconds, e.g. ?wait=30",
             )
         })?;
-        let known = if none_match(req.headers(), status.seq) {
-            status.seq
+        let seq = view.status.seq;
+        let known = if none_match(req.headers(), seq) {
+            seq
         } else {
-            known_seq(req.headers()).unwrap_or(status.seq)
+            known_seq(req.headers()).unwrap_or(seq)
         };
-        status = poll::long_poll(sh, &id, known, limit, shutdown)
-            .await
-            .unwrap_or(status);
+        if let Some(newer) = poll::long_poll(sh, &id, known, limit, shutdown).await {
+            view = Arc::new(StatusView::from(newer));
+        }
     }
+    let status = &view.status;
     if none_match(req.headers(), status.seq) {
         return Ok(poll::not_modified(status.seq));
     }
-    let mut resp = json_response(
-        StatusCode::OK,
-        &serde_json::to_value(&status).expect("serializable"),
+    let mut resp = Response::new(full(view.json()));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
-    resp.headers_mut().insert(header::ETAG, etag(status.seq));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::ETAG, etag(status.seq));
     if !status.state.is_terminal() {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     Ok(resp)
 }
 
 pub async fn get_result(sh: &Arc<Shared>, raw: &str) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
-    let status = read_status(sh, &id)?;
+    let view = read_status(sh, &id)?;
+    let status = &view.status;
     if !status.state.is_terminal() {
-        let mut resp = json_response(StatusCode::ACCEPTED, &with_links(&status));
+        let mut resp = json_response(StatusCode::ACCEPTED, &with_links(status));
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return Ok(resp);
@@ -113,10 +119,7 @@ pub async fn get_result(sh: &Arc<Shared>, raw: &str) -> Result<Response<Body>, P
                 status.error.as_deref().unwrap_or("no error recorded")
             ),
         )
-        .with(
-            "event",
-            serde_json::to_value(&status).expect("serializable"),
-        ));
+        .with("event", serde_json::to_value(status).expect("serializable")));
     }
     let Some(info) = &status.result else {
         let mut resp = Response::new(super::empty());
@@ -187,11 +190,12 @@ fn result_response(bytes: Vec<u8>, content_type: &str, seq: u64) -> Response<Bod
 pub fn stream(
     sh: &Arc<Shared>,
     raw: &str,
-    req: &Request<Incoming>,
+    headers: &HeaderMap,
+    uri: &Uri,
     shutdown: CancellationToken,
 ) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
-    let last = query::last_event_id(req.headers(), req.uri());
+    let last = query::last_event_id(headers, uri);
     sse::respond(sh, &id, last, shutdown)
 }
 
@@ -203,7 +207,7 @@ pub async fn cancel(
     shutdown: &CancellationToken,
 ) -> Result<Response<Body>, Problem> {
     let id = parse_id(raw)?;
-    let status = read_status(sh, &id)?;
+    let status = read_status(sh, &id)?.status.clone();
     if status.state.is_terminal() {
         return Err(Problem::new(
             StatusCode::CONFLICT,

@@ -16,12 +16,14 @@
 //! `routes` is the table (after the `guard`s: Host against DNS rebinding,
 //! Origin against CSRF; then `bearer`, the tokens and their scopes; `cors`
 //! answers preflights and marks answers to allowed origins); `submit` and
-//! `events` are the handlers; `poll` is
-//! ETags and long polling, `sse` the event streams, `pages` the HTML, `query`
-//! the decoding of query strings and headers, `problem` the error documents.
+//! `events` are the handlers; `direct` writes SSE streams past hyper; `poll` is
+//! ETags and long polling, `statuses` the status reads (final ones cached),
+//! `sse` the event streams, `pages` the HTML, `query` the decoding of query
+//! strings and headers, `problem` the error documents.
 
 mod bearer;
 mod cors;
+mod direct;
 mod events;
 mod guard;
 pub mod pages;
@@ -30,6 +32,7 @@ pub mod problem;
 mod query;
 pub mod routes;
 pub mod sse;
+pub mod statuses;
 mod submit;
 
 use std::collections::HashMap;
@@ -74,14 +77,89 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     resp
 }
 
+/// Serves until `shutdown`: one thread per core, each with its own
+/// single-threaded runtime accepting from the same listening socket, the
+/// way nginx runs a worker per core. A connection then lives on one thread:
+/// no task hops between threads, no wakeups across cores, which on a small
+/// machine is most of the difference to a static file server. What the
+/// threads share (the limits, `Shared`) is behind `Arc`s and atomics.
 pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(sh.settings.max_connections));
-    let clients = Arc::new(Clients::new(&sh.settings));
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand the listening socket to the HTTP threads");
+            return;
+        }
+    };
+    let limits = Limits {
+        slots: Arc::new(Semaphore::new(sh.settings.max_connections)),
+        clients: Arc::new(Clients::new(&sh.settings)),
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(16));
+    let mut stopped = Vec::with_capacity(threads);
+    for n in 0..threads {
+        let listener = match listener.try_clone() {
+            Ok(l) => l,
+            Err(e) if n > 0 => {
+                tracing::warn!(error = %e, threads = n, "fewer HTTP threads than cores");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listening socket");
+                return;
+            }
+        };
+        let (sh, limits, shutdown) = (Arc::clone(&sh), limits.clone(), shutdown.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("spoold-http-{n}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => rt.block_on(accept_loop(sh, listener, limits, shutdown)),
+                    Err(e) => tracing::error!(error = %e, "cannot start an HTTP thread"),
+                }
+                drop(tx);
+            });
+        match spawned {
+            Ok(_) => stopped.push(rx),
+            Err(e) => tracing::error!(error = %e, "cannot start an HTTP thread"),
+        }
+    }
+    // The socket closes when the last thread's copy does.
+    drop(listener);
+    for rx in stopped {
+        let _ = rx.await;
+    }
+}
+
+/// What all HTTP threads count against.
+#[derive(Clone)]
+struct Limits {
+    slots: Arc<Semaphore>,
+    clients: Arc<Clients>,
+}
+
+async fn accept_loop(
+    sh: Arc<Shared>,
+    listener: std::net::TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on an HTTP thread");
+            return;
+        }
+    };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore is never closed"),
+            p = Arc::clone(&limits.slots).acquire_owned() => p.expect("semaphore is never closed"),
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -95,26 +173,32 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
                 }
             },
         };
-        let Some(client) = clients.enter(peer.ip()) else {
+        let Some(client) = limits.clients.enter(peer.ip()) else {
             tokio::spawn(refuse_busy_client(stream));
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let sh2 = Arc::clone(&sh);
-        let stop = shutdown.clone();
-        let service = service_fn(move |req| {
-            let sh = Arc::clone(&sh2);
-            let stop = stop.clone();
-            async move { Ok::<_, Infallible>(routes::route(sh, req, stop).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(sh.settings.header_timeout)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let (sh, stop, watcher) = (Arc::clone(&sh), shutdown.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ = conn.await;
+            let mut stream = stream;
+            match direct::first_request(&mut stream, sh.settings.header_timeout).await {
+                direct::First::Gone => {}
+                direct::First::Stream(req) => direct::serve_stream(sh, stream, req, stop).await,
+                direct::First::Hyper(pre) => {
+                    let timeout = sh.settings.header_timeout;
+                    let service = service_fn(move |req| {
+                        let sh = Arc::clone(&sh);
+                        let stop = stop.clone();
+                        async move { Ok::<_, Infallible>(routes::route(sh, req, stop).await) }
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(timeout)
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(direct::Rewind::new(pre, stream)), service);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
             drop(client);
             drop(permit);
         });

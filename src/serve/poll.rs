@@ -94,12 +94,12 @@ async fn wait_until(
     loop {
         let current = Arc::clone(&sub.rx.borrow_and_update());
         if done(&current) {
-            return Some((*current).clone());
+            return Some(current.status.clone());
         }
         tokio::select! {
-            changed = sub.rx.changed() => if changed.is_err() { return Some((*current).clone()) },
-            _ = tokio::time::sleep_until(deadline) => return Some((*current).clone()),
-            _ = shutdown.cancelled() => return Some((*current).clone()),
+            changed = sub.rx.changed() => if changed.is_err() { return Some(current.status.clone()) },
+            _ = tokio::time::sleep_until(deadline) => return Some(current.status.clone()),
+            _ = shutdown.cancelled() => return Some(current.status.clone()),
         }
     }
 }

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -32,24 +32,58 @@ pub async fn route(
     resp
 }
 
+/// What every request passes before its handler: the guards (Host,
+/// Origin), then the token its route needs. Returns the method to route on
+/// (HEAD is routed as GET).
+fn admit(sh: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Method, Problem> {
+    guard::check(&sh.settings, method, uri, headers)?;
+    let method = if method == Method::HEAD {
+        Method::GET
+    } else {
+        method.clone()
+    };
+    let need = bearer::need(&method, &segments(uri.path()));
+    let token = bearer::check(&sh.settings.tokens, need, &method, uri, headers)?;
+    if let Some(t) = token {
+        tracing::debug!(token = %t.name, %method, path = uri.path(), "authenticated");
+    }
+    Ok(method)
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_start_matches('/').split('/').collect()
+}
+
+/// Routes a request that has no body, read outside hyper: only the event
+/// streams come this way (see `direct`).
+pub async fn route_head(
+    sh: Arc<Shared>,
+    req: &Request<()>,
+    shutdown: CancellationToken,
+) -> Response<Body> {
+    Metrics::inc(&sh.metrics.http_requests);
+    let origin = header_str(req.headers(), "origin");
+    let answer = admit(&sh, req.method(), req.uri(), req.headers()).and_then(|method| {
+        match (&method, segments(req.uri().path()).as_slice()) {
+            (&Method::GET, ["events", id, "stream"]) => {
+                events::stream(&sh, id, req.headers(), req.uri(), shutdown)
+            }
+            _ => Err(Problem::not_found("only event streams are routed here")),
+        }
+    });
+    let mut resp = answer.unwrap_or_else(Problem::into_response);
+    cors::decorate(&sh.settings, origin, &mut resp);
+    resp
+}
+
 async fn answer(
     sh: &Arc<Shared>,
     req: Request<Incoming>,
     shutdown: CancellationToken,
 ) -> Result<Response<Body>, Problem> {
-    guard::check(&sh.settings, req.method(), req.uri(), req.headers())?;
+    let method = admit(sh, req.method(), req.uri(), req.headers())?;
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = if req.method() == Method::HEAD {
-        Method::GET
-    } else {
-        req.method().clone()
-    };
-    let need = bearer::need(&method, &segments);
-    let token = bearer::check(&sh.settings.tokens, need, &method, req.uri(), req.headers())?;
-    if let Some(t) = token {
-        tracing::debug!(token = %t.name, %method, %path, "authenticated");
-    }
+    let segments = segments(&path);
     match (&method, segments.as_slice()) {
         (&Method::OPTIONS, _) => cors::options(&sh.settings, req.headers()),
         (&Method::GET, [""]) => Ok(pages::demo()),
@@ -65,7 +99,7 @@ async fn answer(
         )),
         (&Method::GET, ["events", id]) => events::get_status(sh, id, &req, &shutdown).await,
         (&Method::GET, ["events", id, "result"]) => events::get_result(sh, id).await,
-        (&Method::GET, ["events", id, "stream"]) => events::stream(sh, id, &req, shutdown),
+        (&Method::GET, ["events", id, "stream"]) => events::stream(sh, id, req.headers(), req.uri(), shutdown),
         (&Method::DELETE, ["events", id]) => events::cancel(sh, id, &shutdown).await,
         (_, [""] | ["healthz"] | ["metrics"] | ["handlers"] | ["events", _, "result"] | ["events", _, "stream"]) => Err(not_allowed("GET, HEAD")),
         (_, ["events", _]) => Err(not_allowed("GET, HEAD, POST, DELETE")),

@@ -13,7 +13,9 @@
 //!
 //! Each stream reads a shared `watch` channel of the newest status, so a slow
 //! subscriber skips to the latest status instead of queueing a backlog; it never
-//! delays anyone else. Streams end when spoold shuts down.
+//! delays anyone else. A status's frames are encoded once, on the first
+//! subscriber's turn, and shared by the rest. Streams end when spoold shuts
+//! down.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +24,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use hyper::{header, Response, StatusCode};
 use tokio::time::{interval_at, Instant, Interval};
 use tokio_util::sync::CancellationToken;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::problem::Problem;
 use super::Body;
 use crate::app::Shared;
-use crate::hub::Subscription;
+use crate::hub::{Frame, Subscription};
 use crate::spool::ids::EventId;
 
 /// The decoders of what clients send, public for the fuzz targets (`fuzz/`):
@@ -126,7 +127,7 @@ pub fn respond(
     let frames = stream::unfold(state, |mut st| async move {
         let bytes = next_frame(&mut st).await?;
         Some((
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(bytes))),
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes)),
             st,
         ))
     });
@@ -155,32 +156,32 @@ fn too_many_streams(max: usize) -> Problem {
     .header(header::RETRY_AFTER, "5")
 }
 
-async fn next_frame(st: &mut Stream) -> Option<String> {
+/// One status as an SSE event, for every subscriber alike.
+fn frame(event: &str, seq: u64, json: &[u8]) -> String {
+    encode(
+        Some(event),
+        Some(&seq.to_string()),
+        &String::from_utf8_lossy(json),
+    )
+}
+
+async fn next_frame(st: &mut Stream) -> Option<Bytes> {
     if st.done {
         return None;
     }
     if !st.started {
         st.started = true;
-        return Some(format!("retry: {}\n\n", st.retry.as_millis()));
+        return Some(Bytes::from(format!("retry: {}\n\n", st.retry.as_millis())));
     }
     loop {
         let status = Arc::clone(&st.sub.rx.borrow_and_update());
-        let seq = status.seq.to_string();
         if st.sent.is_none_or(|n| status.seq > n) {
             st.sent = Some(status.seq);
-            return Some(encode(
-                Some("status"),
-                Some(&seq),
-                &String::from_utf8_lossy(&status.to_json()),
-            ));
+            return Some(status.frame(Frame::Status, |json| frame("status", status.seq, json)));
         }
         if status.state.is_terminal() {
             st.done = true;
-            return Some(encode(
-                Some("end"),
-                Some(&seq),
-                &String::from_utf8_lossy(&status.to_json()),
-            ));
+            return Some(status.frame(Frame::End, |json| frame("end", status.seq, json)));
         }
         tokio::select! {
             changed = st.sub.rx.changed() => {
@@ -188,7 +189,7 @@ async fn next_frame(st: &mut Stream) -> Option<String> {
                     return None;
                 }
             }
-            _ = st.heartbeat.tick() => return Some(": keepalive\n\n".into()),
+            _ = st.heartbeat.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
             _ = st.shutdown.cancelled() => {
                 st.done = true;
                 return None;

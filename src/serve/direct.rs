@@ -1,0 +1,271 @@
+//! Event streams written straight to the socket, past hyper.
+//!
+//! hyper keeps about 14 KB of buffers for every connection, for as long as
+//! it is open. An SSE stream is one request, then hours of small writes: at
+//! 10,000 subscribers those buffers are most of spoold's memory. So the
+//! first request of a connection is read here, into a buffer freed right
+//! after. When it is a plain `GET /events/{id}/stream` over HTTP/1.1 (the
+//! whole head in that first read, no body, nothing after it), it goes
+//! through the same routing as any request (`routes::route_head`: guards,
+//! token, CORS), and its answer is written here: the head, then each frame
+//! as it comes (chunked), then the connection closes (`Connection: close`; a stream
+//! ends with its event, and EventSource reconnects on its own). Anything
+//! else goes to hyper, with the bytes already read put back in front.
+//!
+//! While a stream is open the socket is also watched for reading, so a
+//! client that hangs up is noticed at once, not at the next heartbeat.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use hyper::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{routes, Body};
+use crate::app::Shared;
+
+/// The most a first read takes in: heads with big cookies go to hyper.
+const FIRST_READ: usize = 4096;
+
+/// What the first read of a connection found.
+pub enum First {
+    /// A stream request, to be answered here.
+    Stream(Request<()>),
+    /// Anything else: hyper's, with what was read so far.
+    Hyper(Bytes),
+    /// The client closed, or sent nothing within `header_timeout`.
+    Gone,
+}
+
+/// Reads the first bytes of a connection and sorts its first request.
+pub async fn first_request(stream: &mut TcpStream, timeout: Duration) -> First {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let read = async {
+        loop {
+            stream.readable().await?;
+            match stream.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return First::Gone,
+    }
+    match stream_request(&buf) {
+        Some(req) => First::Stream(req),
+        None => First::Hyper(buf.freeze()),
+    }
+}
+
+/// The request in `head` when it is exactly one complete
+/// `GET /events/{id}/stream` head over HTTP/1.1 without a body.
+fn stream_request(head: &[u8]) -> Option<Request<()>> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(head) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    let path = parsed.path?;
+    let is_stream = path
+        .split('?')
+        .next()
+        .and_then(|p| p.strip_prefix("/events/"))
+        .and_then(|p| p.strip_suffix("/stream"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'));
+    if len != head.len() || parsed.method != Some("GET") || parsed.version != Some(1) || !is_stream
+    {
+        return None;
+    }
+    let mut req = Request::builder().uri(path);
+    for h in parsed.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        // A body, or an upgrade, is hyper's business.
+        if matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "upgrade" | "expect"
+        ) {
+            return None;
+        }
+        req = req.header(h.name, h.value);
+    }
+    req.body(()).ok()
+}
+
+/// Answers a stream request on `stream`, then closes it.
+pub async fn serve_stream(
+    sh: Arc<Shared>,
+    mut stream: TcpStream,
+    req: Request<()>,
+    shutdown: CancellationToken,
+) {
+    let resp = routes::route_head(sh, &req, shutdown).await;
+    let _ = write_answer(&mut stream, resp).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn write_answer(stream: &mut TcpStream, resp: Response<Body>) -> io::Result<()> {
+    let (parts, mut body) = resp.into_parts();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"date: ");
+    head.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    head.extend_from_slice(b"\r\nconnection: close\r\n");
+    if let Some(n) = body.size_hint().exact() {
+        // A whole answer (an error, a 204): sized, in one write.
+        if parts.status.as_u16() != 204 && parts.status.as_u16() != 304 {
+            head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        head.extend_from_slice(&bytes);
+        return stream.write_all(&head).await;
+    }
+    // Chunked, as hyper would: the last chunk tells a clean end (the event
+    // ended, or spoold is shutting down) from a cut connection.
+    head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    stream.write_all(&head).await?;
+    drop(head);
+    loop {
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                        stream.write_all(&chunk(data)).await?;
+                    }
+                }
+                _ => return stream.write_all(b"0\r\n\r\n").await,
+            },
+            ready = stream.readable() => {
+                ready?;
+                // Whatever the client sends now is ignored; EOF ends the stream.
+                let mut scratch = [0u8; 64];
+                match stream.try_read(&mut scratch) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// One chunk of a chunked body, in one buffer: one write per frame.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.reserve(data.len() + 2);
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A connection for hyper with the bytes already read in front.
+pub struct Rewind {
+    pre: Bytes,
+    stream: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(pre: Bytes, stream: TcpStream) -> Rewind {
+        Rewind { pre, stream }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pre.has_remaining() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            if !self.pre.has_remaining() {
+                // Let the first read's buffer go.
+                self.pre = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_request;
+
+    #[test]
+    fn only_a_whole_plain_stream_request_is_taken() {
+        let ok = b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream?last_event_id=3 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 2\r\n\r\n";
+        let req = stream_request(ok).expect("a stream request");
+        assert_eq!(req.uri().query(), Some("last_event_id=3"));
+        assert_eq!(req.headers()["last-event-id"], "2");
+        for other in [
+            &b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.0\r\n\r\n",
+            b"HEAD /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.1\r\nHost: x\r\n",
+            b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+            b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET /events/a/b/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert!(stream_request(other).is_none(), "{}", String::from_utf8_lossy(other));
+        }
+    }
+}
