@@ -1266,3 +1266,31 @@ fn unknown_paths_are_404_and_wrong_methods_405_as_problems() {
     // The event was not touched by any of that.
     assert_eq!(srv.status(&id)["state"], "succeeded");
 }
+
+/// Final statuses are kept in memory for polls (src/serve/statuses.rs), but
+/// only while status.json is the file they were read from: a status
+/// rewritten by hand is served as rewritten, and an event removed from the
+/// spool is gone.
+#[test]
+fn a_final_status_changed_or_removed_on_disk_is_served_as_it_is_now() {
+    let srv = common::server()
+        .handler("done", "#!/bin/sh\necho done\n")
+        .start();
+    let id = srv.submit("done", "{}");
+    let fin = srv.wait_final(&id, Duration::from_secs(10));
+    assert_eq!(srv.status(&id), fin);
+    assert_eq!(
+        srv.status(&id),
+        fin,
+        "the second poll (from memory) differs"
+    );
+    let dir = srv.spool.join("events").join(&id);
+    let mut edited = fin.clone();
+    edited["message"] = json!("edited by hand");
+    let staged = dir.join("status.json.tmp");
+    std::fs::write(&staged, serde_json::to_vec(&edited).unwrap()).unwrap();
+    std::fs::rename(&staged, dir.join("status.json")).unwrap();
+    assert_eq!(srv.status(&id)["message"], "edited by hand");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_problem(&srv.get(&format!("/events/{id}")), 404, "not-found");
+}
