@@ -130,7 +130,10 @@ async fn write_answer(stream: &mut TcpStream, resp: Response<Body>) -> io::Resul
     }
     head.extend_from_slice(b"date: ");
     head.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
-    head.extend_from_slice(b"\r\nconnection: close\r\n");
+    head.extend_from_slice(b"\r\n");
+    if !parts.headers.contains_key(hyper::header::CONNECTION) {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
     if let Some(n) = body.size_hint().exact() {
         // A whole answer (an error, a 204): sized, in one write.
         if parts.status.as_u16() != 204 && parts.status.as_u16() != 304 {

@@ -142,6 +142,12 @@ pub fn respond(
         header::HeaderValue::from_static("no-cache"),
     );
     h.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    // A stream is the last answer on its connection, whichever way it is
+    // served (see `direct`).
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
     Ok(resp)
 }
 
