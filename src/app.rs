@@ -33,6 +33,8 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     /// Final statuses kept for polls (see `serve::statuses`).
     pub statuses: crate::serve::statuses::Statuses,
+    /// Wakes running handlers' runs when they report progress.
+    pub runs: Arc<watch::Runs>,
     pub metrics: Metrics,
     pub dispatch: DispatchHandle,
     /// True when other hosts may be writing to this spool.
@@ -79,6 +81,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
         spool: Arc::new(spool),
         hub: Arc::default(),
         statuses: Default::default(),
+        runs: watch::Runs::new(),
         metrics: Metrics::default(),
         dispatch,
         shared_fs,

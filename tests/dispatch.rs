@@ -220,6 +220,37 @@ fn a_symlink_to_an_existing_tool_is_a_handler() {
     );
 }
 
+/// A report is noticed when it is written (inotify), not at the next
+/// progress_interval check: here the interval is a minute, and each report
+/// must show within seconds. Reports that come faster than the interval
+/// are not lost either: the next one is, at the latest, a tick later.
+#[test]
+fn a_progress_report_is_noticed_when_written_not_a_progress_interval_later() {
+    let srv = common::server()
+        .handler(
+            "prog",
+            &script(
+                r#"spoold report --progress 10 --message "first"
+wait_for go1
+spoold report --progress 90 --message "second"
+wait_for go2
+echo done"#,
+            ),
+        )
+        .config("progress_interval = \"60s\"")
+        .start();
+    let id = srv.submit("prog", "{}");
+    wait_until(secs(10), "the first report in the status", || {
+        srv.status(&id)["message"] == "first"
+    });
+    release(&srv, "go1");
+    wait_until(secs(10), "the second report in the status", || {
+        srv.status(&id)["message"] == "second"
+    });
+    release(&srv, "go2");
+    assert_eq!(state(&srv.wait_final(&id, secs(10))), "succeeded");
+}
+
 #[test]
 fn progress_file_and_report_cli_are_folded_into_the_status() {
     let srv = common::server()

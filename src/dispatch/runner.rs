@@ -353,7 +353,15 @@ async fn supervise(
     let mut lease = interval(sh.settings.lease_ttl / 3);
     lease.set_missed_tick_behavior(MissedTickBehavior::Delay);
     lease.tick().await;
-    let cancel_marker = sh.spool.event_dir(id).join("cancel");
+    let dir = sh.spool.event_dir(id);
+    let cancel_marker = dir.join("cancel");
+    // Progress is checked every tick, and as soon as the handler writes it;
+    // checks woken by writes are at least WAKE_GAP apart (a later write is
+    // checked at the end of the gap), so a handler that reports in a tight
+    // loop costs at most 1 / WAKE_GAP status writes per second.
+    let following = sh.runs.follow(&dir);
+    let mut woke_at: Option<Instant> = None;
+    let mut due: Option<Instant> = None;
     let stop = loop {
         tokio::select! {
             exit = running.child.wait() => {
@@ -362,14 +370,20 @@ async fn supervise(
             _ = sleep_until(deadline) => break Ending::TimedOut,
             _ = running.overflow.cancelled() => break Ending::Overflow,
             _ = abort.cancelled() => break Ending::ShuttingDown,
-            _ = tick.tick() => {
-                if let Some(p) = progress.poll() {
-                    if apply_progress(st, p) && !publish(sh, id, token, st).await {
-                        break Ending::LostLease;
-                    }
+            _ = following.wake.notified(), if due.is_none() => {
+                let next = woke_at.map_or(Instant::now(), |t| t + WAKE_GAP);
+                due = Some(next.max(Instant::now()));
+            }
+            _ = sleep_until(due.unwrap_or(deadline)), if due.is_some() => {
+                due = None;
+                woke_at = Some(Instant::now());
+                if let Some(stop) = check(sh, id, token, st, progress, &cancel_marker).await {
+                    break stop;
                 }
-                if cancel_marker.exists() {
-                    break Ending::Cancelled;
+            }
+            _ = tick.tick() => {
+                if let Some(stop) = check(sh, id, token, st, progress, &cancel_marker).await {
+                    break stop;
                 }
             }
             _ = lease.tick() => {
@@ -380,9 +394,31 @@ async fn supervise(
             }
         }
     };
+    drop(following);
     tracing::info!(pid = running.pid, "stopping the handler's process group");
     let _ = process::terminate(&mut running.child, running.pid, sh.settings.kill_grace).await;
     stop
+}
+
+/// The least time between two progress checks woken by the handler's writes.
+const WAKE_GAP: Duration = Duration::from_millis(50);
+
+/// Folds in new progress and looks for the cancel marker; the ending, if
+/// either ends the run.
+async fn check(
+    sh: &Arc<Shared>,
+    id: &EventId,
+    token: ClaimToken,
+    st: &mut Status,
+    progress: &mut ProgressFile,
+    cancel_marker: &Path,
+) -> Option<Ending> {
+    if let Some(p) = progress.poll() {
+        if apply_progress(st, p) && !publish(sh, id, token, st).await {
+            return Some(Ending::LostLease);
+        }
+    }
+    cancel_marker.exists().then_some(Ending::Cancelled)
 }
 
 /// Whatever is left of the group goes now; then its output is collected,
