@@ -100,13 +100,23 @@ fn submit_refused(srv: &Server, status: u16, slug: &str, before: &BTreeSet<Strin
     }
 }
 
-/// Waits until the gated events ran once (their handlers started).
+/// Waits until the gated events ran once (their handlers started) and
+/// spoold recorded their handlers' progress, so that the spool holds still while
+/// the tests compare it before and after a refused submit.
 fn wait_running(srv: &Server, ids: &[String]) {
     wait_for(Duration::from_secs(10), || {
         let runs = crate::support::runs(srv);
-        (ids.iter().all(|id| runs.starts.contains_key(id)), ())
+        let progressed = |id: &String| {
+            let dir = srv.spool.join("events").join(id);
+            !dir.join("p.tmp").exists() && srv.status(id)["progress"] == 10.0
+        };
+        (
+            ids.iter()
+                .all(|id| runs.starts.contains_key(id) && progressed(id)),
+            (),
+        )
     })
-    .expect("the gated handlers to start");
+    .expect("the gated handlers to start and report progress");
 }
 
 /// While (almost) nothing can be written: the server serves, every file
