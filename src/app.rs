@@ -108,7 +108,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
     if shared_fs {
         tasks.spawn(follow_other_hosts(Arc::clone(&sh), shutdown.clone()));
     }
-    let server = tasks.spawn(serve::run(Arc::clone(&sh), listener, shutdown.clone()));
+    let mut server = tasks.spawn(serve::run(Arc::clone(&sh), listener, shutdown.clone()));
     println!("spoold listening on http://{addr}");
     let auth = if settings.tokens.is_empty() {
         "off".to_owned()
@@ -120,12 +120,23 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
         tracing::warn!(%addr, "--insecure: anyone who can reach this address can run handlers and read results");
     }
 
-    // The dispatcher only ends when told to; if it ends on its own (a panic),
-    // nothing would run any more: stop, so that a supervisor restarts spoold.
+    // The dispatcher and the server only end when told to; if one ends on
+    // its own (a panic, no HTTP thread could start), spoold is half there:
+    // stop, so that a supervisor restarts it.
     let mut failure = None;
+    let mut server_ended = false;
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => {}
+        _ = &mut server => {
+            server_ended = true;
+            if !shutdown.is_cancelled() {
+                let why = "the HTTP server stopped";
+                tracing::error!("{why}; shutting down so that a supervisor can restart spoold");
+                failure = Some(why);
+                shutdown.cancel();
+            }
+        }
         ended = &mut dispatcher => {
             if !shutdown.is_cancelled() {
                 let why = match ended {
@@ -149,7 +160,9 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
         runs.wait().await;
     }
     tasks.close();
-    let _ = server.await;
+    if !server_ended {
+        let _ = server.await;
+    }
     tasks.wait().await;
     match failure {
         Some(why) => anyhow::bail!("{why}; see the log above"),

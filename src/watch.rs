@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use notify::event::{EventKind, Flag, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, EventKind, Flag, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
@@ -83,6 +83,17 @@ impl Runs {
         let table = Arc::clone(&waiting);
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
+            // Writes only: spoold's own reads of progress.json (opens and
+            // closes) would wake the run again after every check.
+            let wrote = matches!(
+                event.kind,
+                EventKind::Create(_)
+                    | EventKind::Modify(_)
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
+            if !wrote {
+                return;
+            }
             for path in &event.paths {
                 let waking = path
                     .file_name()

@@ -355,12 +355,14 @@ async fn supervise(
     lease.tick().await;
     let dir = sh.spool.event_dir(id);
     let cancel_marker = dir.join("cancel");
-    // Progress is checked every tick, and as soon as the handler writes it;
-    // checks woken by writes are at least WAKE_GAP apart (a later write is
-    // checked at the end of the gap), so a handler that reports in a tight
-    // loop costs at most 1 / WAKE_GAP status writes per second.
+    // Progress is checked every tick, and as soon as the handler writes it,
+    // but never twice within WAKE_GAP (a write during the gap is checked at
+    // its end): a handler that reports in a tight loop costs at most
+    // 1 / WAKE_GAP status writes per second.
     let following = sh.runs.follow(&dir);
-    let mut woke_at: Option<Instant> = None;
+    let mut checked = Instant::now()
+        .checked_sub(WAKE_GAP)
+        .unwrap_or_else(Instant::now);
     let mut due: Option<Instant> = None;
     let stop = loop {
         tokio::select! {
@@ -371,17 +373,20 @@ async fn supervise(
             _ = running.overflow.cancelled() => break Ending::Overflow,
             _ = abort.cancelled() => break Ending::ShuttingDown,
             _ = following.wake.notified(), if due.is_none() => {
-                let next = woke_at.map_or(Instant::now(), |t| t + WAKE_GAP);
-                due = Some(next.max(Instant::now()));
+                due = Some((checked + WAKE_GAP).max(Instant::now()));
             }
             _ = sleep_until(due.unwrap_or(deadline)), if due.is_some() => {
                 due = None;
-                woke_at = Some(Instant::now());
+                checked = Instant::now();
                 if let Some(stop) = check(sh, id, token, st, progress, &cancel_marker).await {
                     break stop;
                 }
             }
             _ = tick.tick() => {
+                if checked.elapsed() < WAKE_GAP {
+                    continue;
+                }
+                checked = Instant::now();
                 if let Some(stop) = check(sh, id, token, st, progress, &cancel_marker).await {
                     break stop;
                 }

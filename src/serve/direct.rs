@@ -45,7 +45,8 @@ pub enum First {
     Gone,
 }
 
-/// Reads the first bytes of a connection and sorts its first request.
+/// Reads the first request head of a connection (up to [`FIRST_READ`]
+/// bytes, all within `timeout`, as hyper would give it) and sorts it.
 pub async fn first_request(stream: &mut TcpStream, timeout: Duration) -> First {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     let read = async {
@@ -53,18 +54,34 @@ pub async fn first_request(stream: &mut TcpStream, timeout: Duration) -> First {
             stream.readable().await?;
             match stream.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
+                Err(e) => return Err(e),
+                Ok(0) => return Ok(false),
+                // A head cut into several reads is read whole here, so that
+                // header_timeout bounds it once; one longer than FIRST_READ
+                // goes to hyper, whose own timer then starts.
+                Ok(_) if head_complete(&buf) || buf.len() >= FIRST_READ => return Ok(true),
+                Ok(_) => {}
             }
         }
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(n)) if n > 0 => {}
+        Ok(Ok(true)) => {}
         _ => return First::Gone,
     }
     match stream_request(&buf) {
         Some(req) => First::Stream(req),
         None => First::Hyper(buf.freeze()),
     }
+}
+
+/// True once `buf` holds a whole request head, or something hyper must
+/// answer (not HTTP at all).
+fn head_complete(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    !matches!(
+        httparse::Request::new(&mut headers).parse(buf),
+        Ok(httparse::Status::Partial)
+    )
 }
 
 /// The request in `head` when it is exactly one complete
@@ -110,6 +127,8 @@ pub async fn serve_stream(
     shutdown: CancellationToken,
 ) {
     let resp = routes::route_head(sh, &req, shutdown).await;
+    // The headers (cookies and all) are not kept for the stream's life.
+    drop(req);
     let _ = write_answer(&mut stream, resp).await;
     let _ = stream.shutdown().await;
 }

@@ -114,8 +114,10 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
         let spawned = std::thread::Builder::new()
             .name(format!("spoold-http-{n}"))
             .spawn(move || {
+                // Together no more blocking threads than one default pool.
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .max_blocking_threads((512 / threads).max(16))
                     .build();
                 match rt {
                     Ok(rt) => rt.block_on(accept_loop(sh, listener, limits, shutdown)),

@@ -12,7 +12,8 @@
 //!
 //! Statuses still moving (queued, running) are read from disk every time:
 //! another host may write them, and the hub serves those who want changes.
-//! At most [`CAPACITY`] statuses are kept; when full, one is dropped.
+//! At most [`CAPACITY`] statuses of at most [`LARGEST`] bytes are kept;
+//! when full, one is dropped.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -22,8 +23,13 @@ pub use crate::hub::StatusView;
 use crate::spool::ids::EventId;
 use crate::spool::{self, Spool};
 
-/// The most final statuses kept: about 1 KB each.
+/// The most final statuses kept.
 pub const CAPACITY: usize = 4096;
+
+/// Statuses whose JSON is longer are not kept (a handler's `data` can make
+/// a status up to 64 KB): most are well under 1 KB, so the cache stays
+/// under about 20 MB.
+pub const LARGEST: usize = 2048;
 
 /// Which file an entry was read from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,12 +61,23 @@ impl Statuses {
     /// event. Blocking (a `stat`, and a read on a miss), like the reads it
     /// replaces: status files are small and local or on a mount the
     /// operator chose.
-    pub fn load(&self, spool: &Spool, id: &EventId) -> spool::Result<Option<Arc<StatusView>>> {
+    ///
+    /// `shared`: other hosts write this spool (NFS). A `stat` there may
+    /// answer from the client's attribute cache, so the stamp is taken from
+    /// an `open` (which revalidates, close-to-open) and `fstat` instead.
+    pub fn load(
+        &self,
+        spool: &Spool,
+        id: &EventId,
+        shared: bool,
+    ) -> spool::Result<Option<Arc<StatusView>>> {
         let path = spool.event_dir(id).join("status.json");
-        let stamp = std::fs::symlink_metadata(&path)
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| Stamp::of(&m));
+        let meta = if shared {
+            spool::open_regular(&path).and_then(|f| f.metadata())
+        } else {
+            std::fs::symlink_metadata(&path)
+        };
+        let stamp = meta.ok().filter(|m| m.is_file()).map(|m| Stamp::of(&m));
         if let Some(stamp) = stamp {
             let finals = self.finals.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((seen, view)) = finals.get(id) {
@@ -78,7 +95,7 @@ impl Statuses {
         // a final status has no newer one. Worst case an entry is stamped
         // with an older file's stamp and is read again once.
         match stamp {
-            Some(stamp) if view.status.state.is_terminal() => {
+            Some(stamp) if view.status.state.is_terminal() && view.json().len() <= LARGEST => {
                 let mut finals = self.finals.lock().unwrap_or_else(|e| e.into_inner());
                 if finals.len() >= CAPACITY {
                     if let Some(old) = finals.keys().next().cloned() {
