@@ -137,6 +137,9 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
     }
 }
 
+/// The largest request head: more is answered `431`.
+const MAX_HEAD: usize = 64 * 1024;
+
 /// What all HTTP threads count against.
 #[derive(Clone)]
 struct Limits {
@@ -196,6 +199,11 @@ async fn accept_loop(
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(timeout)
+                        // hyper checks this between reads, and one read can
+                        // take in more: with its default (about 400 KB) a
+                        // 500 KB head sent whole was sometimes read whole
+                        // and served. 64 KB keeps any read well below that.
+                        .max_buf_size(MAX_HEAD)
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(direct::Rewind::new(pre, stream)), service);
                     let _ = watcher.watch(conn).await;
