@@ -124,23 +124,7 @@ fn three_hosts_share_a_thousand_events_and_run_each_once() {
             }
             most
         });
-        let clients: Vec<_> = (0..6)
-            .map(|t| {
-                let cl = &cl;
-                s.spawn(move || {
-                    (t..n)
-                        .step_by(6)
-                        .map(|i| (i, cl.submit(i % 3 + 1, "{}")))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let mut ids: Vec<(usize, String)> = clients
-            .into_iter()
-            .flat_map(|c| c.join().unwrap())
-            .collect();
-        ids.sort();
-        let ids: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+        let ids = cl.submit_spread(n, 3, "{}");
         cl.wait_final(&ids, secs(100));
         done.store(true, Ordering::Relaxed);
         (ids, sampler.join().unwrap())

@@ -57,6 +57,22 @@ pub struct ServerBuilder {
 }
 
 /// A new server with no handlers yet.
+/// The address in the "spoold listening on http://…" line a `spoold serve`
+/// started with piped stdout prints once it serves; None when it has not
+/// within `within`. Its stdout is read to the end on a thread of its own.
+pub fn listening_addr(child: &mut Child, within: Duration) -> Option<SocketAddr> {
+    let stdout = child.stdout.take().expect("spoold's stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("spoold listening on http://") {
+                let _ = tx.send(addr.trim().parse().ok());
+            }
+        }
+    });
+    rx.recv_timeout(within).ok().flatten()
+}
+
 pub fn server() -> ServerBuilder {
     ServerBuilder {
         handlers: Vec::new(),
@@ -204,23 +220,11 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("start spoold");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("spoold listening on http://") {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("spoold did not start; its log:\n{}", self.log());
-            }
+        let Some(addr) = listening_addr(&mut child, Duration::from_secs(20)) else {
+            let _ = child.kill();
+            panic!("spoold did not start; its log:\n{}", self.log());
         };
-        self.addr = addr.parse().unwrap();
+        self.addr = addr;
         self.child = Some(child);
     }
 

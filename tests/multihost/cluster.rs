@@ -27,13 +27,12 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -512,16 +511,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("start spoold");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("spoold listening on") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        if common::listening_addr(&mut child, Duration::from_secs(20)).is_none() {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -685,6 +675,29 @@ impl Cluster {
         let r = self.request(n, "POST", "/events/work", payload.as_bytes());
         assert_eq!(r.status, 202, "submit on host{n}: {}", r.text());
         r.json()["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Submits `n` events from 6 client threads at once, event `i` to host
+    /// `i % hosts + 1`; returns their IDs in that order.
+    pub fn submit_spread(&self, n: usize, hosts: usize, payload: &str) -> Vec<String> {
+        std::thread::scope(|s| {
+            let clients: Vec<_> = (0..6)
+                .map(|t| {
+                    s.spawn(move || {
+                        (t..n)
+                            .step_by(6)
+                            .map(|i| (i, self.submit(i % hosts + 1, payload)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut ids: Vec<(usize, String)> = clients
+                .into_iter()
+                .flat_map(|c| c.join().unwrap())
+                .collect();
+            ids.sort();
+            ids.into_iter().map(|(_, id)| id).collect()
+        })
     }
 
     /// The status of `id` as host `n` serves it.

@@ -175,23 +175,7 @@ fn progress_latency(steps: usize) -> (Vec<Duration>, Vec<Duration>) {
 fn throughput(hosts: usize, n: usize, payload: &str) -> f64 {
     let mut cl: Cluster = cluster(hosts).config(r#"lease_ttl = "10s""#).start();
     let started = Instant::now();
-    let ids: Vec<String> = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..6)
-            .map(|t| {
-                let cl = &cl;
-                s.spawn(move || {
-                    (t..n)
-                        .step_by(6)
-                        .map(|i| cl.submit(i % hosts + 1, payload))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        clients
-            .into_iter()
-            .flat_map(|c| c.join().unwrap())
-            .collect()
-    });
+    let ids = cl.submit_spread(n, hosts, payload);
     cl.wait_final(&ids, secs(300));
     let rate = n as f64 / started.elapsed().as_secs_f64();
     oracle::check(&mut cl, &ids);
