@@ -25,24 +25,59 @@ pub async fn route(
 ) -> Response<Body> {
     Metrics::inc(&sh.metrics.http_requests);
     let origin = header_str(req.headers(), "origin").map(str::to_owned);
-    let mut resp = answer(&sh, req, shutdown)
-        .await
-        .unwrap_or_else(Problem::into_response);
-    cors::decorate(&sh.settings, origin.as_deref(), &mut resp);
+    let answer = answer(&sh, req, shutdown).await;
+    respond(&sh, origin.as_deref(), answer)
+}
+
+/// Routes a request that has no body, read outside hyper: only the event
+/// streams come this way (see `direct`).
+pub async fn route_head(
+    sh: Arc<Shared>,
+    req: &Request<()>,
+    shutdown: CancellationToken,
+) -> Response<Body> {
+    Metrics::inc(&sh.metrics.http_requests);
+    let segments = segments(req.uri().path());
+    let answer = admit(&sh, req.method(), req.uri(), req.headers(), &segments).and_then(|method| {
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["events", id, "stream"]) => {
+                events::stream(&sh, id, req.headers(), req.uri(), shutdown)
+            }
+            _ => Err(Problem::not_found("only event streams are routed here")),
+        }
+    });
+    respond(&sh, header_str(req.headers(), "origin"), answer)
+}
+
+/// The answer as sent: a problem as its document, and the CORS headers
+/// when the origin is allowed.
+fn respond(
+    sh: &Shared,
+    origin: Option<&str>,
+    answer: Result<Response<Body>, Problem>,
+) -> Response<Body> {
+    let mut resp = answer.unwrap_or_else(Problem::into_response);
+    cors::decorate(&sh.settings, origin, &mut resp);
     resp
 }
 
 /// What every request passes before its handler: the guards (Host,
-/// Origin), then the token its route needs. Returns the method to route on
-/// (HEAD is routed as GET).
-fn admit(sh: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Method, Problem> {
+/// Origin), then the token its route (`segments` of the path) needs.
+/// Returns the method to route on (HEAD is routed as GET).
+fn admit(
+    sh: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    segments: &[&str],
+) -> Result<Method, Problem> {
     guard::check(&sh.settings, method, uri, headers)?;
     let method = if method == Method::HEAD {
         Method::GET
     } else {
         method.clone()
     };
-    let need = bearer::need(&method, &segments(uri.path()));
+    let need = bearer::need(&method, segments);
     let token = bearer::check(&sh.settings.tokens, need, &method, uri, headers)?;
     if let Some(t) = token {
         tracing::debug!(token = %t.name, %method, path = uri.path(), "authenticated");
@@ -54,36 +89,14 @@ fn segments(path: &str) -> Vec<&str> {
     path.trim_start_matches('/').split('/').collect()
 }
 
-/// Routes a request that has no body, read outside hyper: only the event
-/// streams come this way (see `direct`).
-pub async fn route_head(
-    sh: Arc<Shared>,
-    req: &Request<()>,
-    shutdown: CancellationToken,
-) -> Response<Body> {
-    Metrics::inc(&sh.metrics.http_requests);
-    let origin = header_str(req.headers(), "origin");
-    let answer = admit(&sh, req.method(), req.uri(), req.headers()).and_then(|method| {
-        match (&method, segments(req.uri().path()).as_slice()) {
-            (&Method::GET, ["events", id, "stream"]) => {
-                events::stream(&sh, id, req.headers(), req.uri(), shutdown)
-            }
-            _ => Err(Problem::not_found("only event streams are routed here")),
-        }
-    });
-    let mut resp = answer.unwrap_or_else(Problem::into_response);
-    cors::decorate(&sh.settings, origin, &mut resp);
-    resp
-}
-
 async fn answer(
     sh: &Arc<Shared>,
     req: Request<Incoming>,
     shutdown: CancellationToken,
 ) -> Result<Response<Body>, Problem> {
-    let method = admit(sh, req.method(), req.uri(), req.headers())?;
     let path = req.uri().path().to_owned();
     let segments = segments(&path);
+    let method = admit(sh, req.method(), req.uri(), req.headers(), &segments)?;
     match (&method, segments.as_slice()) {
         (&Method::OPTIONS, _) => cors::options(&sh.settings, req.headers()),
         (&Method::GET, [""]) => Ok(pages::demo()),
