@@ -55,45 +55,47 @@ pub async fn first_request(stream: &mut TcpStream, timeout: Duration) -> First {
             match stream.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
-                Ok(0) => return Ok(false),
+                Ok(0) => return Ok(None),
                 // A head cut into several reads is read whole here, so that
                 // header_timeout bounds it once; one longer than FIRST_READ
                 // goes to hyper, whose own timer then starts.
-                Ok(_) if head_complete(&buf) || buf.len() >= FIRST_READ => return Ok(true),
-                Ok(_) => {}
+                Ok(_) => match sort(&buf) {
+                    Sorted::Partial if buf.len() < FIRST_READ => {}
+                    Sorted::Stream(req) => return Ok(Some(Some(*req))),
+                    _ => return Ok(Some(None)),
+                },
             }
         }
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(true)) => {}
-        _ => return First::Gone,
-    }
-    match stream_request(&buf) {
-        Some(req) => First::Stream(req),
-        None => First::Hyper(buf.freeze()),
+        Ok(Ok(Some(Some(req)))) => First::Stream(req),
+        Ok(Ok(Some(None))) => First::Hyper(buf.freeze()),
+        _ => First::Gone,
     }
 }
 
-/// True once `buf` holds a whole request head, or something hyper must
-/// answer (not HTTP at all).
-fn head_complete(buf: &[u8]) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
-    !matches!(
-        httparse::Request::new(&mut headers).parse(buf),
-        Ok(httparse::Status::Partial)
-    )
+/// What the bytes read so far hold.
+enum Sorted {
+    /// Not a whole head yet.
+    Partial,
+    /// Exactly one complete `GET /events/{id}/stream` head over HTTP/1.1,
+    /// without a body.
+    Stream(Box<Request<()>>),
+    /// Anything else, for hyper (including what is not HTTP at all).
+    Other,
 }
 
-/// The request in `head` when it is exactly one complete
-/// `GET /events/{id}/stream` head over HTTP/1.1 without a body.
-fn stream_request(head: &[u8]) -> Option<Request<()>> {
+fn sort(head: &[u8]) -> Sorted {
     let mut headers = [httparse::EMPTY_HEADER; 48];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(head) {
         Ok(httparse::Status::Complete(len)) => len,
-        _ => return None,
+        Ok(httparse::Status::Partial) => return Sorted::Partial,
+        Err(_) => return Sorted::Other,
     };
-    let path = parsed.path?;
+    let Some(path) = parsed.path else {
+        return Sorted::Other;
+    };
     let is_stream = path
         .split('?')
         .next()
@@ -102,21 +104,21 @@ fn stream_request(head: &[u8]) -> Option<Request<()>> {
         .is_some_and(|id| !id.is_empty() && !id.contains('/'));
     if len != head.len() || parsed.method != Some("GET") || parsed.version != Some(1) || !is_stream
     {
-        return None;
+        return Sorted::Other;
     }
     let mut req = Request::builder().uri(path);
     for h in parsed.headers.iter() {
-        let name = h.name.to_ascii_lowercase();
         // A body, or an upgrade, is hyper's business.
-        if matches!(
-            name.as_str(),
-            "content-length" | "transfer-encoding" | "upgrade" | "expect"
-        ) {
-            return None;
+        if ["content-length", "transfer-encoding", "upgrade", "expect"]
+            .iter()
+            .any(|n| h.name.eq_ignore_ascii_case(n))
+        {
+            return Sorted::Other;
         }
         req = req.header(h.name, h.value);
     }
-    req.body(()).ok()
+    req.body(())
+        .map_or(Sorted::Other, |req| Sorted::Stream(Box::new(req)))
 }
 
 /// Answers a stream request on `stream`, then closes it.
@@ -270,14 +272,18 @@ impl AsyncWrite for Rewind {
 
 #[cfg(test)]
 mod tests {
-    use super::stream_request;
+    use super::{sort, Sorted};
 
     #[test]
     fn only_a_whole_plain_stream_request_is_taken() {
         let ok = b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream?last_event_id=3 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 2\r\n\r\n";
-        let req = stream_request(ok).expect("a stream request");
+        let Sorted::Stream(req) = sort(ok) else {
+            panic!("not taken as a stream request");
+        };
         assert_eq!(req.uri().query(), Some("last_event_id=3"));
         assert_eq!(req.headers()["last-event-id"], "2");
+        assert!(matches!(sort(&ok[..30]), Sorted::Partial));
+        assert!(matches!(sort(b"\x00\x01 garbage\r\n\r\n"), Sorted::Other));
         for other in [
             &b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV HTTP/1.1\r\nHost: x\r\n\r\n"[..],
             b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.0\r\n\r\n",
@@ -287,7 +293,11 @@ mod tests {
             b"GET /events/01ARZ3NDEKTSV4RRFFQ69G5FAV/stream HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n",
             b"GET /events/a/b/stream HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
-            assert!(stream_request(other).is_none(), "{}", String::from_utf8_lossy(other));
+            assert!(
+                !matches!(sort(other), Sorted::Stream(_)),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
         }
     }
 }
