@@ -248,17 +248,14 @@ finish 0"#,
     // ended; or never, when the end of the event killed the handler's
     // process group before `setsid` took it out of it.
     let pid_file = tdir(&srv).join("daemon.pid");
-    let deadline = std::time::Instant::now() + secs(5);
-    let pid = loop {
+    let pid = wait_for(secs(5), || {
         let pid: i32 = fs::read_to_string(&pid_file)
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(0);
-        if pid > 0 || std::time::Instant::now() > deadline {
-            break pid;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+        (pid > 0, pid)
+    })
+    .unwrap_or_else(|none| none);
     if pid > 0 && common::process_alive(pid) {
         println!("note: the setsid daemon {pid} outlived its event (documented; killing it)");
         unsafe { libc::kill(pid, libc::SIGKILL) };
