@@ -10,7 +10,7 @@
 //!   running/<host>/<id>     claimed by rename from queue/; mtime = lease heartbeat
 //!   dead/<id>               dead letters (JSON DeadLetter)
 //!   idem/<sha256(key)>      idempotency keys: first event for a key
-//!   hosts/<host>.lock       flock'd by the one spoold serving as <host>; holds its pid
+//!   hosts/<host>.lock       locked (fcntl) by the one spoold serving as <host>; holds its pid
 //! ```
 //!
 //! Invariants:
@@ -367,10 +367,18 @@ impl Spool {
             .truncate(false)
             .open(&path)
             .at("open", &path)?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // A POSIX record lock, not flock(2): it belongs to this process, so
+        // it ends when the process does. An flock belongs to the open file,
+        // which a handler being spawned (between its clone and its exec)
+        // shares for a moment: a spoold restarted right after a kill -9 found
+        // the dead one's lock still held, and gave up (fault suite).
+        // SAFETY: a zeroed flock struct is valid; fcntl on a descriptor we own.
+        let mut whole: libc::flock = unsafe { std::mem::zeroed() };
+        whole.l_type = libc::F_WRLCK as libc::c_short;
+        whole.l_whence = libc::SEEK_SET as libc::c_short;
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &whole) } != 0 {
             let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
                 return Err(LockError::Held {
