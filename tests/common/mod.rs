@@ -56,7 +56,6 @@ pub struct ServerBuilder {
     listen: SocketAddr,
 }
 
-/// A new server with no handlers yet.
 /// The address in the "spoold listening on http://…" line a `spoold serve`
 /// started with piped stdout prints once it serves; None when it has not
 /// within `within`. Its stdout is read to the end on a thread of its own.
@@ -73,7 +72,9 @@ pub fn listening_addr(child: &mut Child, within: Duration) -> Option<SocketAddr>
     rx.recv_timeout(within).ok().flatten()
 }
 
+/// A new server with no handlers yet.
 pub fn server() -> ServerBuilder {
+    remember_panics();
     ServerBuilder {
         handlers: Vec::new(),
         tomls: Vec::new(),
@@ -330,6 +331,40 @@ impl Server {
     }
 }
 
+std::thread_local! {
+    /// What the test failed on, kept by [`remember_panics`]'s hook.
+    static FAILURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps each panic's message and place, so that [`Server`]'s drop can say it
+/// again after the spoold log it prints: CI shows only the end of a failed
+/// test's output, where the log would otherwise bury the reason.
+pub fn remember_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            FAILURE.with(|f| *f.borrow_mut() = Some(info.to_string()));
+            default(info);
+        }));
+    });
+}
+
+/// Repeats the failure [`remember_panics`] kept (at most 4 KB of it), after
+/// logs printed on the way out of a failed test.
+pub fn say_failure_again() {
+    if let Some(failure) = FAILURE.with(|f| f.borrow().clone()) {
+        let mut end = failure.len().min(4096);
+        while !failure.is_char_boundary(end) {
+            end -= 1;
+        }
+        eprintln!(
+            "---- end of the logs; the test failed here ----\n{}",
+            &failure[..end]
+        );
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -338,6 +373,7 @@ impl Drop for Server {
                 self.log_path().display(),
                 tail(&self.log(), 12_000)
             );
+            say_failure_again();
         }
         self.kill9();
     }

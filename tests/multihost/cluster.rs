@@ -223,6 +223,7 @@ pub struct ClusterBuilder {
 
 /// A cluster of `hosts` hosts running [`WORK`] as handler `work`.
 pub fn cluster(hosts: usize) -> ClusterBuilder {
+    crate::common::remember_panics();
     ClusterBuilder {
         hosts,
         attr_cache: CACHE_SECS,
@@ -857,6 +858,7 @@ impl Drop for Cluster {
                 let tail = tail.get(tail.find('\n').unwrap_or(0)..).unwrap_or(tail);
                 eprintln!("---- {} log ({}) ----{tail}", h.name, h.log.display());
             }
+            crate::common::say_failure_again();
         }
         for h in &mut self.hosts {
             if let Some(mut c) = h.child.take() {
