@@ -11,18 +11,23 @@
 //! lost and the retransmission failed). Both operations therefore check the
 //! outcome on disk, by inode, before reporting failure.
 //!
-//! **Group commit.** Flushing is done by [`AtomicWriter::barrier`], not by an
-//! fsync per file and directory: a barrier returns once a `syncfs` of the
-//! spool's filesystem that *started after it was asked for* has finished, so
-//! everything written before the barrier is on disk. Concurrent writers (HTTP
-//! submits, finishing runs) share one `syncfs`: while one runs, the next
-//! batch gathers, and its leader flushes for all. A submit that used to
-//! need five flushes (journal, `event.json`, its directory, `events/`,
-//! `queue/`) needs two barriers, shared with every other submit in flight.
+//! **Flushes.** With fsync on, a staged file's data is flushed through its
+//! own descriptor (`fdatasync`), and a new name by an fsync of its directory.
+//! Only what the write needs is flushed: never the whole filesystem, whose
+//! dirty pages (handlers' files, statuses written `Volatile`) are not this
+//! writer's to wait for. (An earlier design flushed with `syncfs`, shared by
+//! every writer in flight; on a busy spool each `syncfs` wrote back all of
+//! that, and finishing runs waited behind it: 340 events/s end to end
+//! against 675 now, see `docs/benchmarks.md`.)
+//!
+//! **Group commit.** `tmp/`, `events/` and `queue/` take a new name on every
+//! submit. Their fsyncs are shared: [`AtomicWriter::sync_parent`] on one of
+//! them returns once an fsync of that directory that *started after it was
+//! asked for* has finished. While one runs, the next batch gathers, and its
+//! leader flushes for all.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +40,8 @@ pub struct AtomicWriter {
     prefix: String,
     counter: AtomicU64,
     fsync: bool,
-    flusher: Flusher,
+    /// Group commit of the directories every submit adds a name to.
+    shared_dirs: Vec<(PathBuf, Flusher)>,
 }
 
 /// How much a write must survive (when fsync is enabled in the config).
@@ -58,21 +64,18 @@ pub enum Durability {
 
 impl AtomicWriter {
     pub fn new(tmp_dir: PathBuf, host: &str, fsync: bool) -> AtomicWriter {
+        let root = tmp_dir.parent().unwrap_or(Path::new("/"));
+        let shared_dirs = [tmp_dir.clone(), root.join("events"), root.join("queue")]
+            .into_iter()
+            .filter_map(|dir| Some((Flusher::new(&dir)?, dir)))
+            .map(|(flusher, dir)| (dir, flusher))
+            .collect();
         AtomicWriter {
-            flusher: Flusher::new(&tmp_dir),
+            shared_dirs,
             tmp_dir,
             prefix: format!("{host}.{}.", std::process::id()),
             counter: AtomicU64::new(0),
             fsync,
-        }
-    }
-
-    /// Everything written so far is on disk when this returns (fsync on).
-    pub fn barrier(&self) -> io::Result<()> {
-        if self.fsync {
-            self.flusher.flush()
-        } else {
-            Ok(())
         }
     }
 
@@ -87,19 +90,30 @@ impl AtomicWriter {
         self.tmp_dir.join(format!("{}{n}{suffix}", self.prefix))
     }
 
-    /// Writes `bytes` to a new staging file, flushed (fsync on), and returns
-    /// its path.
+    /// Writes `bytes` to a new staging file, its data flushed (fsync on), and
+    /// returns its path.
     pub fn stage(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
-        let path = self.stage_unflushed(bytes, suffix)?;
-        if let Err(e) = self.barrier() {
+        let path = self.staging_path(suffix);
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut file| {
+                file.write_all(bytes)?;
+                if self.fsync {
+                    file.sync_data()?;
+                }
+                Ok(())
+            });
+        if let Err(e) = written {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
         Ok(path)
     }
 
-    /// Writes `bytes` to a new staging file without flushing it: the caller
-    /// calls [`barrier`](Self::barrier) before the file is given a final name.
+    /// Writes `bytes` to a new staging file without flushing it (what
+    /// survives a crash of spoold, not a power cut).
     pub fn stage_unflushed(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
         let path = self.staging_path(suffix);
         let mut file = OpenOptions::new()
@@ -148,12 +162,16 @@ impl AtomicWriter {
         Ok(created)
     }
 
-    /// Makes the new name of `path` durable, if this durability asks for it.
-    pub fn sync_parent(&self, _path: &Path, durability: Durability) -> io::Result<()> {
-        if self.syncs(durability) {
-            self.flusher.flush()
-        } else {
-            Ok(())
+    /// Makes the new name of `path` durable, if this durability asks for it:
+    /// an fsync of its directory.
+    pub fn sync_parent(&self, path: &Path, durability: Durability) -> io::Result<()> {
+        if !self.syncs(durability) {
+            return Ok(());
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        match self.shared_dirs.iter().find(|(shared, _)| shared == dir) {
+            Some((_, flusher)) => flusher.flush(),
+            None => File::open(dir)?.sync_all(),
         }
     }
 
@@ -270,11 +288,10 @@ fn same_inode(path: &Path, ino: u64) -> bool {
         .unwrap_or(false)
 }
 
-/// Group commit of the spool's filesystem: see the module documentation.
+/// Group commit of one directory's fsync: see the module documentation.
 #[derive(Debug)]
 struct Flusher {
-    /// Any directory of the spool: `syncfs` flushes the filesystem it is on.
-    dir: Option<File>,
+    dir: File,
     batch: Mutex<Batch>,
     done: Condvar,
 }
@@ -283,30 +300,27 @@ struct Flusher {
 struct Batch {
     /// Tickets handed out: the number of flushes asked for.
     asked: u64,
-    /// Every ticket up to this one is covered by a finished `syncfs`.
+    /// Every ticket up to this one is covered by a finished fsync.
     flushed: u64,
-    /// A `syncfs` is running now.
+    /// An fsync is running now.
     running: bool,
     /// Recent failed flushes: (first ticket, last ticket, errno).
     failures: Vec<(u64, u64, i32)>,
 }
 
 impl Flusher {
-    fn new(dir: &Path) -> Flusher {
-        Flusher {
-            dir: File::open(dir).ok(),
+    /// None when `dir` cannot be opened (its fsyncs then go unshared).
+    fn new(dir: &Path) -> Option<Flusher> {
+        Some(Flusher {
+            dir: File::open(dir).ok()?,
             batch: Mutex::new(Batch::default()),
             done: Condvar::new(),
-        }
+        })
     }
 
-    /// Returns when a `syncfs` that started after this call has finished.
+    /// Returns when an fsync of the directory that started after this call
+    /// has finished.
     fn flush(&self) -> io::Result<()> {
-        let Some(dir) = &self.dir else {
-            return Err(io::Error::other(
-                "cannot flush the spool: its tmp/ directory could not be opened; check that spoold may read the spool directory",
-            ));
-        };
         let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         b.asked += 1;
         let ticket = b.asked;
@@ -326,9 +340,7 @@ impl Flusher {
             let first = b.flushed + 1;
             let last = b.asked;
             drop(b);
-            // SAFETY: syncfs on a descriptor this struct owns.
-            let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-            let err = (rc != 0).then(io::Error::last_os_error);
+            let err = self.dir.sync_all().err();
             b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
             b.running = false;
             b.flushed = last;

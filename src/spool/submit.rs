@@ -6,11 +6,12 @@
 //!    same event (or a conflict when its body differs);
 //! 2. the queue entry is staged as `tmp/<host>.<pid>.<n>.queue.<id>`: this is
 //!    the journal that lets recovery finish step 4 after a crash;
-//! 3. `event.json` is written into a staging directory; a barrier (group
-//!    commit, see `atomic`) puts both on disk; the directory is renamed to
-//!    `events/<id>` whole, so an event directory is never seen incomplete;
-//! 4. the staged entry is linked to `queue/<id>`; a second barrier puts both
-//!    new names on disk; then the staging name is removed.
+//! 3. `event.json` is written into a staging directory and flushed; fsyncs
+//!    of that directory and of `tmp/` (shared, see `atomic`) put both on
+//!    disk; the directory is renamed to `events/<id>` whole, so an event
+//!    directory is never seen incomplete;
+//! 4. the staged entry is linked to `queue/<id>`; fsyncs of `events/` and
+//!    `queue/` put both new names on disk; then the staging name is removed.
 //!
 //! A crash before step 3 leaves only staging files (removed by recovery); a
 //! crash between 3 and 4 leaves the journal, which recovery publishes. The
@@ -19,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -140,14 +141,17 @@ impl Spool {
         let w = self.writer();
         let entry_bytes = serde_json::to_vec(entry).expect("serializable");
         let journal = w
-            .stage_unflushed(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
+            .stage(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
             .at("stage a queue entry in", &self.dir("tmp"))?;
         let result = self.place_event_dir(id, env).and_then(|placed| {
             if placed {
                 let dest = self.queue_path(id);
                 publish_staged(&journal, &dest).at("publish", &dest)?;
-                // The second barrier: both new names are on disk.
-                w.barrier().at("sync", &self.dir("queue"))?;
+                // Both new names are on disk before the client hears of them.
+                let dir = self.event_dir(id);
+                w.sync_parent(&dir, Durability::Durable).at("sync", &dir)?;
+                w.sync_parent(&dest, Durability::Durable)
+                    .at("sync", &dest)?;
             }
             Ok(placed)
         });
@@ -161,10 +165,15 @@ impl Spool {
         let write = || -> io::Result<()> {
             fs::create_dir(&staging)?;
             let file = staging.join("event.json");
-            fs::write(&file, serde_json::to_vec_pretty(env).expect("serializable"))?;
-            // The first barrier: the journal and the staged directory are on
-            // disk before either gets its final name.
-            w.barrier()
+            let mut f = fs::File::create_new(&file)?;
+            f.write_all(&serde_json::to_vec_pretty(env).expect("serializable"))?;
+            if w.syncs_data() {
+                f.sync_data()?;
+            }
+            // The journal and the staged directory are on disk, whole,
+            // before either gets its final name.
+            w.sync_parent(&file, Durability::Durable)?;
+            w.sync_parent(&staging, Durability::Durable)
         };
         let staged = write().at("stage the event directory", &staging);
         let placed = staged.and_then(|()| match fs::rename(&staging, self.event_dir(id)) {
