@@ -94,21 +94,7 @@ impl AtomicWriter {
     /// returns its path.
     pub fn stage(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
         let path = self.staging_path(suffix);
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .and_then(|mut file| {
-                file.write_all(bytes)?;
-                if self.fsync {
-                    file.sync_data()?;
-                }
-                Ok(())
-            });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&path);
-            return Err(e);
-        }
+        write_new(&path, bytes, self.fsync)?;
         Ok(path)
     }
 
@@ -116,14 +102,7 @@ impl AtomicWriter {
     /// survives a crash of spoold, not a power cut).
     pub fn stage_unflushed(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
         let path = self.staging_path(suffix);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        if let Err(e) = file.write_all(bytes) {
-            let _ = fs::remove_file(&path);
-            return Err(e);
-        }
+        write_new(&path, bytes, false)?;
         Ok(path)
     }
 
@@ -184,6 +163,26 @@ impl AtomicWriter {
     pub fn syncs(&self, durability: Durability) -> bool {
         self.fsync && durability == Durability::Durable
     }
+}
+
+/// Creates `path` with `bytes` (its data flushed if `flush`); removes it
+/// again if the write fails.
+pub fn write_new(path: &Path, bytes: &[u8], flush: bool) -> io::Result<()> {
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            if flush {
+                file.sync_data()?;
+            }
+            Ok(())
+        });
+    if written.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    written
 }
 
 /// Links an already written staging file to `dest` unless `dest` exists.

@@ -20,13 +20,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::atomic::{publish_staged, Durability};
+use super::atomic::{publish_staged, write_new, Durability};
 use super::ids::{EventId, HandlerType};
 use super::records::{Envelope, QueueEntry, Status, Timestamp};
 use super::{read_if_exists, IoContext, Result, Spool, SpoolError};
@@ -165,11 +165,8 @@ impl Spool {
         let write = || -> io::Result<()> {
             fs::create_dir(&staging)?;
             let file = staging.join("event.json");
-            let mut f = fs::File::create_new(&file)?;
-            f.write_all(&serde_json::to_vec_pretty(env).expect("serializable"))?;
-            if w.syncs_data() {
-                f.sync_data()?;
-            }
+            let bytes = serde_json::to_vec_pretty(env).expect("serializable");
+            write_new(&file, &bytes, w.syncs_data())?;
             // The journal and the staged directory are on disk, whole,
             // before either gets its final name.
             w.sync_parent(&file, Durability::Durable)?;
