@@ -12,22 +12,26 @@
 //! outcome on disk, by inode, before reporting failure.
 //!
 //! **Flushes.** With fsync on, a staged file's data is flushed through its
-//! own descriptor (`fdatasync`), and a new name by an fsync of its directory.
-//! Only what the write needs is flushed: never the whole filesystem, whose
-//! dirty pages (handlers' files, statuses written `Volatile`) are not this
-//! writer's to wait for. (An earlier design flushed with `syncfs`, shared by
-//! every writer in flight; on a busy spool each `syncfs` wrote back all of
-//! that, and finishing runs waited behind it: 340 events/s end to end
-//! against 675 now, see `docs/benchmarks.md`.)
+//! own descriptor (`fdatasync`), and a new name by an fsync of its
+//! directory: a finishing run waits for its own files only.
 //!
-//! **Group commit.** `tmp/`, `events/` and `queue/` take a new name on every
-//! submit. Their fsyncs are shared: [`AtomicWriter::sync_parent`] on one of
-//! them returns once an fsync of that directory that *started after it was
-//! asked for* has finished. While one runs, the next batch gathers, and its
-//! leader flushes for all.
+//! **Group commit of submits.** A submit flushes with
+//! [`AtomicWriter::barrier`] instead, twice: a barrier returns once a
+//! `syncfs` of the spool's filesystem that *started after it was asked for*
+//! has finished, so everything written before the barrier is on disk.
+//! Concurrent submits share one `syncfs`: while one runs, the next batch
+//! gathers, and its leader flushes for all. A submit would need six flushes
+//! of its own (journal, `event.json`, its directory, `tmp/`, `events/`,
+//! `queue/`); two barriers shared with every other submit in flight measured
+//! faster (0.37–0.61 × the fsync floor, against 0.21–0.40 × for the six
+//! fsyncs, with those of the shared directories grouped). Finishing runs do not
+//! use barriers: a `syncfs` writes back every dirty page of the spool, and
+//! runs that waited for it managed 340 events/s end to end, against 550–680
+//! with their own fsyncs (see `docs/benchmarks.md`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +44,7 @@ pub struct AtomicWriter {
     prefix: String,
     counter: AtomicU64,
     fsync: bool,
-    /// Group commit of the directories every submit adds a name to.
-    shared_dirs: Vec<(PathBuf, Flusher)>,
+    flusher: Flusher,
 }
 
 /// How much a write must survive (when fsync is enabled in the config).
@@ -64,18 +67,21 @@ pub enum Durability {
 
 impl AtomicWriter {
     pub fn new(tmp_dir: PathBuf, host: &str, fsync: bool) -> AtomicWriter {
-        let root = tmp_dir.parent().unwrap_or(Path::new("/"));
-        let shared_dirs = [tmp_dir.clone(), root.join("events"), root.join("queue")]
-            .into_iter()
-            .filter_map(|dir| Some((Flusher::new(&dir)?, dir)))
-            .map(|(flusher, dir)| (dir, flusher))
-            .collect();
         AtomicWriter {
-            shared_dirs,
+            flusher: Flusher::new(&tmp_dir),
             tmp_dir,
             prefix: format!("{host}.{}.", std::process::id()),
             counter: AtomicU64::new(0),
             fsync,
+        }
+    }
+
+    /// Everything written so far is on disk when this returns (fsync on).
+    pub fn barrier(&self) -> io::Result<()> {
+        if self.fsync {
+            self.flusher.flush()
+        } else {
+            Ok(())
         }
     }
 
@@ -98,8 +104,8 @@ impl AtomicWriter {
         Ok(path)
     }
 
-    /// Writes `bytes` to a new staging file without flushing it (what
-    /// survives a crash of spoold, not a power cut).
+    /// Writes `bytes` to a new staging file without flushing it: the caller
+    /// calls [`barrier`](Self::barrier) before the file is given a final name.
     pub fn stage_unflushed(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
         let path = self.staging_path(suffix);
         write_new(&path, bytes, false)?;
@@ -148,10 +154,7 @@ impl AtomicWriter {
             return Ok(());
         }
         let dir = path.parent().unwrap_or(Path::new("."));
-        match self.shared_dirs.iter().find(|(shared, _)| shared == dir) {
-            Some((_, flusher)) => flusher.flush(),
-            None => File::open(dir)?.sync_all(),
-        }
+        File::open(dir)?.sync_all()
     }
 
     /// True when file contents are fsync'd (any durability, fsync on).
@@ -287,10 +290,11 @@ fn same_inode(path: &Path, ino: u64) -> bool {
         .unwrap_or(false)
 }
 
-/// Group commit of one directory's fsync: see the module documentation.
+/// Group commit of submits: see the module documentation.
 #[derive(Debug)]
 struct Flusher {
-    dir: File,
+    /// Any directory of the spool: `syncfs` flushes the filesystem it is on.
+    dir: Option<File>,
     batch: Mutex<Batch>,
     done: Condvar,
 }
@@ -299,27 +303,30 @@ struct Flusher {
 struct Batch {
     /// Tickets handed out: the number of flushes asked for.
     asked: u64,
-    /// Every ticket up to this one is covered by a finished fsync.
+    /// Every ticket up to this one is covered by a finished `syncfs`.
     flushed: u64,
-    /// An fsync is running now.
+    /// A `syncfs` is running now.
     running: bool,
     /// Recent failed flushes: (first ticket, last ticket, errno).
     failures: Vec<(u64, u64, i32)>,
 }
 
 impl Flusher {
-    /// None when `dir` cannot be opened (its fsyncs then go unshared).
-    fn new(dir: &Path) -> Option<Flusher> {
-        Some(Flusher {
-            dir: File::open(dir).ok()?,
+    fn new(dir: &Path) -> Flusher {
+        Flusher {
+            dir: File::open(dir).ok(),
             batch: Mutex::new(Batch::default()),
             done: Condvar::new(),
-        })
+        }
     }
 
-    /// Returns when an fsync of the directory that started after this call
-    /// has finished.
+    /// Returns when a `syncfs` that started after this call has finished.
     fn flush(&self) -> io::Result<()> {
+        let Some(dir) = &self.dir else {
+            return Err(io::Error::other(
+                "cannot flush the spool: its tmp/ directory could not be opened; check that spoold may read the spool directory",
+            ));
+        };
         let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         b.asked += 1;
         let ticket = b.asked;
@@ -339,7 +346,9 @@ impl Flusher {
             let first = b.flushed + 1;
             let last = b.asked;
             drop(b);
-            let err = self.dir.sync_all().err();
+            // SAFETY: syncfs on a descriptor this struct owns.
+            let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+            let err = (rc != 0).then(io::Error::last_os_error);
             b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
             b.running = false;
             b.flushed = last;

@@ -6,12 +6,11 @@
 //!    same event (or a conflict when its body differs);
 //! 2. the queue entry is staged as `tmp/<host>.<pid>.<n>.queue.<id>`: this is
 //!    the journal that lets recovery finish step 4 after a crash;
-//! 3. `event.json` is written into a staging directory and flushed; fsyncs
-//!    of that directory and of `tmp/` (shared, see `atomic`) put both on
-//!    disk; the directory is renamed to `events/<id>` whole, so an event
-//!    directory is never seen incomplete;
-//! 4. the staged entry is linked to `queue/<id>`; fsyncs of `events/` and
-//!    `queue/` put both new names on disk; then the staging name is removed.
+//! 3. `event.json` is written into a staging directory; a barrier (group
+//!    commit, see `atomic`) puts both on disk; the directory is renamed to
+//!    `events/<id>` whole, so an event directory is never seen incomplete;
+//! 4. the staged entry is linked to `queue/<id>`; a second barrier puts both
+//!    new names on disk; then the staging name is removed.
 //!
 //! A crash before step 3 leaves only staging files (removed by recovery); a
 //! crash between 3 and 4 leaves the journal, which recovery publishes. The
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::atomic::{publish_staged, write_new, Durability};
+use super::atomic::{publish_staged, Durability};
 use super::ids::{EventId, HandlerType};
 use super::records::{Envelope, QueueEntry, Status, Timestamp};
 use super::{read_if_exists, IoContext, Result, Spool, SpoolError};
@@ -141,17 +140,14 @@ impl Spool {
         let w = self.writer();
         let entry_bytes = serde_json::to_vec(entry).expect("serializable");
         let journal = w
-            .stage(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
+            .stage_unflushed(&entry_bytes, &format!("{JOURNAL_MARK}{id}"))
             .at("stage a queue entry in", &self.dir("tmp"))?;
         let result = self.place_event_dir(id, env).and_then(|placed| {
             if placed {
                 let dest = self.queue_path(id);
                 publish_staged(&journal, &dest).at("publish", &dest)?;
-                // Both new names are on disk before the client hears of them.
-                let dir = self.event_dir(id);
-                w.sync_parent(&dir, Durability::Durable).at("sync", &dir)?;
-                w.sync_parent(&dest, Durability::Durable)
-                    .at("sync", &dest)?;
+                // The second barrier: both new names are on disk.
+                w.barrier().at("sync", &self.dir("queue"))?;
             }
             Ok(placed)
         });
@@ -165,12 +161,10 @@ impl Spool {
         let write = || -> io::Result<()> {
             fs::create_dir(&staging)?;
             let file = staging.join("event.json");
-            let bytes = serde_json::to_vec_pretty(env).expect("serializable");
-            write_new(&file, &bytes, w.syncs_data())?;
-            // The journal and the staged directory are on disk, whole,
-            // before either gets its final name.
-            w.sync_parent(&file, Durability::Durable)?;
-            w.sync_parent(&staging, Durability::Durable)
+            fs::write(&file, serde_json::to_vec_pretty(env).expect("serializable"))?;
+            // The first barrier: the journal and the staged directory are on
+            // disk before either gets its final name.
+            w.barrier()
         };
         let staged = write().at("stage the event directory", &staging);
         let placed = staged.and_then(|()| match fs::rename(&staging, self.event_dir(id)) {
