@@ -150,9 +150,13 @@ fn three_hosts_share_a_thousand_events_and_run_each_once() {
     for (host, limit) in limits {
         let did = summary.done_by_host.get(host).copied().unwrap_or(0);
         assert!(did >= n / 20, "{host} ran only {did} of {n} events");
+        // A host claims an event only for a free place in `concurrency`;
+        // a place is free once its handler exits, while that run's claim
+        // stays until its outcome is written. So at most `limit` claims
+        // waiting for or running a handler, and `limit` being closed.
         let most = most_claims.get(host).copied().unwrap_or(0);
         assert!(
-            most <= limit,
+            most <= 2 * limit,
             "{host} held {most} claims at once with room to run {limit}"
         );
     }

@@ -53,8 +53,27 @@ pub enum Msg {
     Seen(EventId),
     /// Something may have been missed: list `queue/` again.
     Rescan,
-    /// A run ended (or panicked): its slot is free, and its event no longer ours.
-    Finished(EventId, String),
+    /// A handler of this type ended (or its run did without one): its slot
+    /// is free.
+    SlotFree(String),
+    /// A run ended (or panicked): its event is no longer ours.
+    Finished(EventId),
+}
+
+/// One place in the concurrency limits (`concurrency`, and its type's),
+/// taken when a run starts and given back when dropped: by the runner as
+/// soon as its handler has exited, so the next handler starts while this
+/// one's outcome is written and flushed.
+pub struct Slot {
+    dispatch: DispatchHandle,
+    kind: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.dispatch
+            .send(Msg::SlotFree(std::mem::take(&mut self.kind)));
+    }
 }
 
 /// The sending side, held by the server, the watcher and the runners.
@@ -95,8 +114,9 @@ struct Dispatcher {
     pending: Pending,
     /// Runs going on now (claimed, not yet finished): ID → type.
     running: HashMap<EventId, String>,
-    /// Runs going on now, per type. A run (its slot) lasts until its
-    /// outcome is written, so a host never holds more claims than it can run.
+    /// Slots taken: handlers running or about to (see [`Slot`]).
+    busy: usize,
+    /// Slots taken, per type.
     per_type: HashMap<String, usize>,
     limits: Limits,
     /// Claims seen stale once: a second sighting, unchanged, is needed.
@@ -119,6 +139,7 @@ pub async fn run(
         sh,
         pending: Pending::default(),
         running: HashMap::new(),
+        busy: 0,
         per_type: HashMap::new(),
         limits: Limits::default(),
         suspects: HashMap::new(),
@@ -171,11 +192,14 @@ impl Dispatcher {
                     tracing::error!(error = %e, "cannot list the queue");
                 }
             }
-            Msg::Finished(id, kind) => {
-                self.running.remove(&id);
+            Msg::SlotFree(kind) => {
+                self.busy = self.busy.saturating_sub(1);
                 if let Some(n) = self.per_type.get_mut(&kind) {
                     *n = n.saturating_sub(1);
                 }
+            }
+            Msg::Finished(id) => {
+                self.running.remove(&id);
             }
         }
     }
@@ -234,7 +258,10 @@ impl Dispatcher {
     fn start_due(&mut self) {
         let capacity = self.sh.settings.concurrency;
         self.pending.promote(Timestamp::now().unix_ms());
-        while self.running.len() < capacity {
+        // Runs whose handler exited but whose outcome is still being
+        // written keep their claims: at most as many as there are places,
+        // so a host on a slow disk never holds more than twice its share.
+        while self.busy < capacity && self.running.len() < 2 * capacity {
             let (per_type, limits, dir) = (
                 &self.per_type,
                 &mut self.limits,
@@ -256,15 +283,19 @@ impl Dispatcher {
 
     fn start(&mut self, id: EventId, kind: String, token: ClaimToken) {
         self.running.insert(id.clone(), kind.clone());
+        self.busy += 1;
         *self.per_type.entry(kind.clone()).or_default() += 1;
+        let slot = Slot {
+            dispatch: self.sh.dispatch.clone(),
+            kind,
+        };
         let done = Done {
             sh: Arc::clone(&self.sh),
             id: Some(id.clone()),
-            kind,
         };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            runner::run(Arc::clone(&done.sh), id.clone(), token, abort).await;
+            runner::run(Arc::clone(&done.sh), id.clone(), token, abort, slot).await;
             // The run is over and its handler group stopped. Every way out
             // but one dropped the process mark with the claim; a run that
             // lost its claim to another host (the lease lapsed) recorded
@@ -281,7 +312,6 @@ impl Dispatcher {
 struct Done {
     sh: Arc<Shared>,
     id: Option<EventId>,
-    kind: String,
 }
 
 impl Drop for Done {
@@ -290,9 +320,7 @@ impl Drop for Done {
             if std::thread::panicking() {
                 tracing::error!(%id, "the run panicked; its claim is recovered once its lease expires");
             }
-            self.sh
-                .dispatch
-                .send(Msg::Finished(id, std::mem::take(&mut self.kind)));
+            self.sh.dispatch.send(Msg::Finished(id));
         }
     }
 }

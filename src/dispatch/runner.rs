@@ -29,6 +29,7 @@ use super::handlers::{self, HandlerSpec};
 use super::outcome::{self, Ending, Verdict};
 use super::process::{self, Captured, Launch};
 use super::progress::{Progress, ProgressFile};
+use super::Slot;
 use crate::app::Shared;
 use crate::metrics::Metrics;
 use crate::spool::atomic::Durability;
@@ -46,11 +47,17 @@ struct Started {
 }
 
 /// Runs one attempt of a claimed event.
-pub async fn run(sh: Arc<Shared>, id: EventId, token: ClaimToken, abort: CancellationToken) {
+pub async fn run(
+    sh: Arc<Shared>,
+    id: EventId,
+    token: ClaimToken,
+    abort: CancellationToken,
+    slot: Slot,
+) {
     use tracing::Instrument;
     let span = tracing::info_span!("event", %id);
     async {
-        if let Err(e) = attempt(&sh, &id, token, &abort).await {
+        if let Err(e) = attempt(&sh, &id, token, &abort, slot).await {
             tracing::error!(error = %e, "spool error during the attempt; giving the event back to the queue");
             let why = e.brief();
             let given = blocking(&sh, move |sh| outcome::give_back(sh, &id, token, &why)).await;
@@ -82,6 +89,7 @@ async fn attempt(
     id: &EventId,
     token: ClaimToken,
     abort: &CancellationToken,
+    slot: Slot,
 ) -> Result<(), SpoolError> {
     let id2 = id.clone();
     let Some(Started { env, spec, mut st }) =
@@ -136,6 +144,9 @@ async fn attempt(
     .await;
     sh.metrics.running.fetch_sub(1, Ordering::Relaxed);
     let (stdout, stderr) = collect_output(running).await;
+    // The handler is gone: the next one may start while this outcome is
+    // written.
+    drop(slot);
     // Exiting (killed by SIGPIPE, say) may beat the overflow signal: stdout decides.
     let ending = if stdout.overflowed {
         Ending::Overflow
