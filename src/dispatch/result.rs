@@ -12,7 +12,7 @@ use crate::app::Shared;
 use crate::spool::atomic::Durability;
 use crate::spool::ids::EventId;
 use crate::spool::records::ResultInfo;
-use crate::spool::SpoolError;
+use crate::spool::{self, IoContext, SpoolError};
 
 /// Keeps the result. The inner `Err` is the handler's fault (a sentence for
 /// the status's `error`); the outer one is the spool's (the event is given
@@ -39,7 +39,19 @@ pub fn store(
                 m.len()
             )))
         }
-        Ok(m) => (m.len(), read_head(&path)),
+        Ok(m) => {
+            // The handler wrote it: its data goes to disk before the final
+            // status that names it does (the status's flush covers only
+            // the status itself and the directory).
+            if sh.spool.writer().syncs_data() {
+                let file = match spool::open_regular(&path) {
+                    Ok(file) => file,
+                    Err(e) => return Ok(Err(format!("the result file cannot be read: {e}"))),
+                };
+                file.sync_data().at("sync", &path)?;
+            }
+            (m.len(), read_head(&path))
+        }
         Err(_) if stdout.bytes.is_empty() => return Ok(Ok(None)),
         Err(_) => {
             sh.spool

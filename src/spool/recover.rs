@@ -359,7 +359,13 @@ impl Spool {
         if path.exists() {
             return Ok(false);
         }
+        let created = !dir.exists();
         fs::create_dir_all(&dir).at("create", &dir)?;
+        if created {
+            self.writer()
+                .sync_parent(&dir, Durability::Durable)
+                .at("sync", &self.dir("events"))?;
+        }
         let bytes = serde_json::to_vec_pretty(env).expect("serializable");
         self.writer()
             .replace(&path, &bytes, Durability::Durable)

@@ -192,9 +192,9 @@ impl Spool {
     pub(crate) fn publish_journal(&self, journal: &std::path::Path, id: &EventId) -> Result<()> {
         let dest = self.queue_path(id);
         publish_staged(journal, &dest).at("publish", &dest)?;
-        self.writer()
-            .sync_parent(&dest, Durability::Durable)
-            .at("sync", &self.dir("queue"))
+        // A barrier, as in a submit: the crash may have come before the
+        // event directory's new name in `events/` was flushed, too.
+        self.writer().barrier().at("sync", &self.dir("queue"))
     }
 }
 
