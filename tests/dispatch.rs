@@ -475,6 +475,26 @@ fn retry_waits_queued_with_retry_at_and_a_later_success_ends_succeeded() {
     assert!(!srv.spool.join("dead").join(&id).exists());
 }
 
+/// A retry is queued again by its own run, before the run has ended; it
+/// must start when its backoff is over, not at the next rescan of `queue/`
+/// (set to a minute here). It used to wait for that rescan.
+#[test]
+fn a_retry_starts_when_its_backoff_ends_not_at_the_next_rescan() {
+    let srv = common::server()
+        .handler(
+            "second",
+            "#!/bin/sh\nif [ \"$SPOOL_ATTEMPT\" = 1 ]; then exit 75; fi\necho ok\n",
+        )
+        .config("backoff_base = \"50ms\"\nbackoff_max = \"50ms\"\nrescan_interval = \"60s\"")
+        .start();
+    let ids: Vec<String> = (0..5).map(|_| srv.submit("second", "{}")).collect();
+    for id in &ids {
+        let st = srv.wait_final(id, secs(15));
+        assert_eq!(state(&st), "succeeded", "{st}");
+        assert_eq!(st["attempt"], 2, "{st}");
+    }
+}
+
 #[test]
 fn any_nonzero_exit_or_signal_death_is_retried_up_to_the_toml_max_attempts() {
     let srv = common::server()

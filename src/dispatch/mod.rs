@@ -114,6 +114,9 @@ struct Dispatcher {
     pending: Pending,
     /// Runs going on now (claimed, not yet finished): ID → type.
     running: HashMap<EventId, String>,
+    /// Entries queued again by a run that has not yet told it finished (a
+    /// retry): pending once it has.
+    parked: HashMap<EventId, QueueEntry>,
     /// Slots taken: handlers running or about to (see [`Slot`]).
     busy: usize,
     /// Slots taken, per type.
@@ -139,6 +142,7 @@ pub async fn run(
         sh,
         pending: Pending::default(),
         running: HashMap::new(),
+        parked: HashMap::new(),
         busy: 0,
         per_type: HashMap::new(),
         limits: Limits::default(),
@@ -182,7 +186,12 @@ impl Dispatcher {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Queued(id, entry) => {
-                if !self.running.contains_key(&id) {
+                if self.running.contains_key(&id) {
+                    // A retry: its run sends this before it ends. Dropped,
+                    // the retry waited for the next rescan of `queue/`,
+                    // however short its backoff.
+                    self.parked.insert(id, entry);
+                } else {
                     self.pending.insert(id, entry);
                 }
             }
@@ -200,6 +209,9 @@ impl Dispatcher {
             }
             Msg::Finished(id) => {
                 self.running.remove(&id);
+                if let Some(entry) = self.parked.remove(&id) {
+                    self.pending.insert(id, entry);
+                }
             }
         }
     }

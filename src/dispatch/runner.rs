@@ -368,11 +368,12 @@ async fn supervise(
     let cancel_marker = dir.join("cancel");
     // Progress is checked as soon as the handler writes it, but checks woken
     // by writes are WAKE_GAP apart (a write during the gap is checked at its
-    // end): a handler that reports in a tight loop costs at most
-    // 1 / WAKE_GAP status writes per second. The tick is the fallback; it
-    // skips a check when any was made within WAKE_GAP. A tick's check does
-    // not hold up the next write's: that cost every report up to WAKE_GAP
-    // (the SSE measure's median went from 31 to 53-69 ms).
+    // end). The tick is the fallback; it skips a check when any was made
+    // within WAKE_GAP. So a handler that reports in a tight loop costs at
+    // most 1 / WAKE_GAP + 1 / max(progress_interval, WAKE_GAP) status writes
+    // per second. A tick's check does not hold up the next write's: that
+    // cost every report up to WAKE_GAP (the SSE measure's median went from
+    // 31 to 53-69 ms).
     let following = sh.runs.follow(&dir);
     let long_ago = Instant::now()
         .checked_sub(WAKE_GAP)
