@@ -376,6 +376,7 @@ impl Drop for Server {
             say_failure_again();
         }
         self.kill9();
+        reap_spool(&self.spool);
     }
 }
 
@@ -793,6 +794,49 @@ pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
 }
 
 /// True while a process with this pid exists (and is not a zombie).
+/// Processes whose environment names this spool (`SPOOL_DIR`): handlers and
+/// whatever they started, with their `SPOOL_ID`.
+pub fn spool_processes(spool: &Path) -> Vec<(i32, String)> {
+    let root = spool.canonicalize().unwrap_or_else(|_| spool.to_owned());
+    let want = format!("SPOOL_DIR={}", root.display());
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = env
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        if vars.contains(&want) && process_alive(pid) {
+            let id = vars
+                .iter()
+                .find_map(|v| v.strip_prefix("SPOOL_ID="))
+                .unwrap_or("")
+                .to_owned();
+            found.push((pid, id));
+        }
+    }
+    found
+}
+
+/// Kills every process [`spool_processes`] finds. A spoold killed with -9
+/// leaves its handlers running; one that waits for a file the test would
+/// have made loops on for good once the test's directory is gone.
+pub fn reap_spool(spool: &Path) {
+    for (pid, _) in spool_processes(spool) {
+        // SAFETY: kill(2) of a process that carries this test's spool.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 pub fn process_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {

@@ -184,47 +184,14 @@ pub fn foreign_tmp(spool: &Path, pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// Processes whose environment names this spool (`SPOOL_DIR`): handlers and
-/// whatever they started, with their `SPOOL_ID`.
-pub fn spool_processes(spool: &Path) -> Vec<(i32, String)> {
-    let root = spool.canonicalize().unwrap_or_else(|_| spool.to_owned());
-    let want = format!("SPOOL_DIR={}", root.display());
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(env) = fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let vars: Vec<String> = env
-            .split(|b| *b == 0)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .collect();
-        if vars.contains(&want) && common::process_alive(pid) {
-            let id = vars
-                .iter()
-                .find_map(|v| v.strip_prefix("SPOOL_ID="))
-                .unwrap_or("")
-                .to_owned();
-            found.push((pid, id));
-        }
-    }
-    found
-}
+pub use crate::common::spool_processes;
 
 /// Kills what [`spool_processes`] finds (so a failed test leaves nothing).
 pub struct ReapSpool(pub std::path::PathBuf);
 
 impl Drop for ReapSpool {
     fn drop(&mut self) {
-        for (pid, _) in spool_processes(&self.0) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        common::reap_spool(&self.0);
     }
 }
 
