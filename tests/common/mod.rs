@@ -793,7 +793,6 @@ pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
     }
 }
 
-/// True while a process with this pid exists (and is not a zombie).
 /// Processes whose environment names this spool (`SPOOL_DIR`): handlers and
 /// whatever they started, with their `SPOOL_ID`.
 pub fn spool_processes(spool: &Path) -> Vec<(i32, String)> {
@@ -837,6 +836,7 @@ pub fn reap_spool(spool: &Path) {
     }
 }
 
+/// True while a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
