@@ -307,14 +307,7 @@ impl Dispatcher {
         };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            runner::run(Arc::clone(&done.sh), id.clone(), token, abort, slot).await;
-            // The run is over and its handler group stopped. Every way out
-            // but one dropped the process mark with the claim; a run that
-            // lost its claim to another host (the lease lapsed) recorded
-            // nothing, so its mark would stay until a restart (found by the
-            // multihost frozen-host test). Not reached after a panic: then
-            // the mark is what lets the rescan kill the handler.
-            runner::blocking(&done.sh, move |sh| sh.spool.forget_process(&id)).await;
+            runner::run(Arc::clone(&done.sh), id, token, abort, slot).await;
             drop(done);
         });
     }

@@ -60,7 +60,12 @@ pub async fn run(
         if let Err(e) = attempt(&sh, &id, token, &abort, slot).await {
             tracing::error!(error = %e, "spool error during the attempt; giving the event back to the queue");
             let why = e.brief();
-            let given = blocking(&sh, move |sh| outcome::give_back(sh, &id, token, &why)).await;
+            let given = blocking(&sh, move |sh| {
+                let given = outcome::give_back(sh, &id, token, &why);
+                sh.spool.forget_process(&id);
+                given
+            })
+            .await;
             if let Err(e) = given {
                 tracing::error!(error = %e, "could not give the event back either; a rescan will once its lease expires");
             }
@@ -162,35 +167,71 @@ async fn attempt(
     let reported_type = progress.content_type.take();
     let id = id.clone();
     blocking(sh, move |sh| {
-        // The event's directory (or its event.json) was removed while the
-        // handler ran, by the handler or by hand: put event.json back from
-        // memory, so that the event ends with a status that says so instead
-        // of vanishing (found by the fault suite's bad-handler tests).
-        if sh.spool.holds(&id, token) && sh.spool.restore_envelope(&id, &env)? {
-            tracing::error!("the event's directory was removed while its handler ran; failing the event");
-            let why = "the event's directory was removed while its handler ran (by the handler, or by hand); not retried";
-            return outcome::finish(sh, &id, token, &env, st, Verdict::Exhausted(why.into()));
-        }
-        if !stderr.is_empty() {
-            if let Err(e) = sh
-                .spool
-                .write_event_file(&id, "stderr", &stderr, Durability::DataOnly)
-            {
-                tracing::warn!(error = %e, "could not keep the handler's stderr");
-            }
-        }
-        let verdict = match outcome::judge(&ending, &stderr) {
-            Verdict::Succeeded(_) => {
-                match super::result::store(sh, &id, &spec, reported_type, stdout)? {
-                    Ok(info) => Verdict::Succeeded(info),
-                    Err(why) => Verdict::Final(State::Failed, why),
-                }
-            }
-            other => other,
-        };
-        outcome::finish(sh, &id, token, &env, st, verdict)
+        let settled = settle(
+            sh,
+            &id,
+            token,
+            &env,
+            st,
+            &ending,
+            stdout,
+            &stderr,
+            &spec,
+            reported_type,
+        );
+        // The run is over and its handler group stopped. Every way out but
+        // one dropped the process mark with the claim; a run that lost its
+        // claim to another host (the lease lapsed) recorded nothing, so its
+        // mark would stay until a restart (found by the multihost
+        // frozen-host test). Not reached after a panic: then the mark is
+        // what lets the rescan kill the handler.
+        sh.spool.forget_process(&id);
+        settled
     })
     .await
+}
+
+/// Keeps what the handler left and writes the outcome.
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    sh: &Shared,
+    id: &EventId,
+    token: ClaimToken,
+    env: &Envelope,
+    st: Status,
+    ending: &Ending,
+    stdout: Captured,
+    stderr: &[u8],
+    spec: &HandlerSpec,
+    reported_type: Option<String>,
+) -> Result<(), SpoolError> {
+    // The event's directory (or its event.json) was removed while the
+    // handler ran, by the handler or by hand: put event.json back from
+    // memory, so that the event ends with a status that says so instead
+    // of vanishing (found by the fault suite's bad-handler tests).
+    if sh.spool.holds(id, token) && sh.spool.restore_envelope(id, env)? {
+        tracing::error!(
+            "the event's directory was removed while its handler ran; failing the event"
+        );
+        let why = "the event's directory was removed while its handler ran (by the handler, or by hand); not retried";
+        return outcome::finish(sh, id, token, env, st, Verdict::Exhausted(why.into()));
+    }
+    if !stderr.is_empty() {
+        if let Err(e) = sh
+            .spool
+            .write_event_file(id, "stderr", stderr, Durability::DataOnly)
+        {
+            tracing::warn!(error = %e, "could not keep the handler's stderr");
+        }
+    }
+    let verdict = match outcome::judge(ending, stderr) {
+        Verdict::Succeeded(_) => match super::result::store(sh, id, spec, reported_type, stdout)? {
+            Ok(info) => Verdict::Succeeded(info),
+            Err(why) => Verdict::Final(State::Failed, why),
+        },
+        other => other,
+    };
+    outcome::finish(sh, id, token, env, st, verdict)
 }
 
 /// Everything before the handler starts, on a blocking thread. `None` when
