@@ -2,9 +2,7 @@
 //! `$SPOOL_RESULT`, or else its standard output, capped at `max_result_bytes`,
 //! with a content type from progress.json, then `T.toml`, then sniffed.
 
-use std::fs;
-use std::io::Read;
-use std::path::Path;
+use std::io::{self, Read};
 
 use super::handlers::HandlerSpec;
 use super::process::Captured;
@@ -26,40 +24,45 @@ pub fn store(
 ) -> Result<Result<Option<ResultInfo>, String>, SpoolError> {
     let path = sh.spool.event_dir(id).join("result");
     let cap = sh.settings.max_result_bytes;
-    // symlink_metadata: a symlink (to a file outside the spool, or to a
-    // device) is not a result; it would be served as one (found by the
-    // fault suite's bad-handler tests).
-    let (len, head) = match fs::symlink_metadata(&path) {
-        Ok(m) if !m.is_file() => {
-            return Ok(Err("the result is not a regular file (a symlink, FIFO or device); write the result itself to $SPOOL_RESULT".into()))
-        }
-        Ok(m) if m.len() > cap => {
-            return Ok(Err(format!(
-                "the result file is {} bytes, over max_result_bytes ({cap})",
-                m.len()
-            )))
-        }
-        Ok(m) => {
-            // The handler wrote it: its data goes to disk before the final
-            // status that names it does (the status's flush covers only
-            // the status itself and the directory).
-            if sh.spool.writer().syncs_data() {
-                let file = match spool::open_regular(&path) {
-                    Ok(file) => file,
-                    Err(e) => return Ok(Err(format!("the result file cannot be read: {e}"))),
-                };
-                file.sync_data().at("sync", &path)?;
+    // Opened once, never through a symlink (to a file outside the spool, or
+    // to a device: it would be served as the result; found by the fault
+    // suite's bad-handler tests) and without blocking on a FIFO.
+    let (len, head) = match spool::open_regular(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if stdout.bytes.is_empty() {
+                return Ok(Ok(None));
             }
-            (m.len(), read_head(&path))
-        }
-        Err(_) if stdout.bytes.is_empty() => return Ok(Ok(None)),
-        Err(_) => {
             sh.spool
                 .write_event_file(id, "result", &stdout.bytes, Durability::Durable)?;
             (
                 stdout.bytes.len() as u64,
                 stdout.bytes[..stdout.bytes.len().min(512)].to_vec(),
             )
+        }
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            return Ok(Err("the result is not a regular file (a symlink, FIFO or device); write the result itself to $SPOOL_RESULT".into()))
+        }
+        Err(e) => {
+            return Ok(Err(format!(
+                "the result file cannot be read ({e}); leave $SPOOL_RESULT a regular file that spoold may read"
+            )))
+        }
+        Ok(file) => {
+            let len = file.metadata().at("read", &path)?.len();
+            if len > cap {
+                return Ok(Err(format!(
+                    "the result file is {len} bytes, over max_result_bytes ({cap})"
+                )));
+            }
+            // The handler wrote it: its data goes to disk before the final
+            // status that names it does (the status's flush covers only
+            // the status itself and the directory).
+            if sh.spool.writer().syncs_data() {
+                file.sync_data().at("sync", &path)?;
+            }
+            let mut head = Vec::new();
+            let _ = (&file).take(512).read_to_end(&mut head);
+            (len, head)
         }
     };
     let content_type = reported_type
@@ -69,14 +72,6 @@ pub fn store(
         content_type,
         bytes: len,
     })))
-}
-
-fn read_head(path: &Path) -> Vec<u8> {
-    let mut head = Vec::new();
-    if let Ok(f) = crate::spool::open_regular(path) {
-        let _ = f.take(512).read_to_end(&mut head);
-    }
-    head
 }
 
 /// A content type from the first bytes of a result.
