@@ -49,7 +49,11 @@ async fn read_status(sh: &Arc<Shared>, id: &EventId) -> Result<Arc<StatusView>, 
         let (sh2, id2) = (Arc::clone(sh), id.clone());
         tokio::task::spawn_blocking(move || sh2.statuses.load(&sh2.spool, &id2, true))
             .await
-            .map_err(|e| Problem::internal(format!("reading the status failed: {e}")))?
+            .map_err(|e| {
+                Problem::internal(format!(
+                    "reading the status failed ({e}); the server log has the cause"
+                ))
+            })?
     } else {
         sh.statuses.load(&sh.spool, id, false)
     };
@@ -88,7 +92,7 @@ pub async fn get_status(
             known_seq(req.headers()).unwrap_or(seq)
         };
         if let Some(newer) = poll::long_poll(sh, &id, known, limit, shutdown).await {
-            view = Arc::new(StatusView::from(newer));
+            view = newer;
         }
     }
     let status = &view.status;
@@ -238,7 +242,7 @@ pub async fn cancel(
     let wait = sh.settings.kill_grace + sh.settings.progress_interval * 3 + Duration::from_secs(1);
     let status = poll::until_final(sh, &id, wait, shutdown)
         .await
-        .unwrap_or(status);
+        .map_or(status, |view| view.status.clone());
     let code = if status.state.is_terminal() {
         StatusCode::OK
     } else {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::query::header_str;
 use super::Body;
 use crate::app::Shared;
+use crate::hub::StatusView;
 use crate::spool::ids::EventId;
 use crate::spool::records::Status;
 
@@ -59,7 +60,7 @@ pub async fn long_poll(
     known: u64,
     limit: Duration,
     shutdown: &CancellationToken,
-) -> Option<Status> {
+) -> Option<Arc<StatusView>> {
     wait_until(sh, id, limit, shutdown, |s| {
         s.seq != known || s.state.is_terminal()
     })
@@ -72,7 +73,7 @@ pub async fn until_final(
     id: &EventId,
     limit: Duration,
     shutdown: &CancellationToken,
-) -> Option<Status> {
+) -> Option<Arc<StatusView>> {
     wait_until(sh, id, limit, shutdown, |s| s.state.is_terminal()).await
 }
 
@@ -84,7 +85,7 @@ async fn wait_until(
     limit: Duration,
     shutdown: &CancellationToken,
     done: impl Fn(&Status) -> bool,
-) -> Option<Status> {
+) -> Option<Arc<StatusView>> {
     let spool = Arc::clone(&sh.spool);
     let load_id = id.clone();
     let mut sub = sh
@@ -94,12 +95,12 @@ async fn wait_until(
     loop {
         let current = Arc::clone(&sub.rx.borrow_and_update());
         if done(&current) {
-            return Some(current.status.clone());
+            return Some(current);
         }
         tokio::select! {
-            changed = sub.rx.changed() => if changed.is_err() { return Some(current.status.clone()) },
-            _ = tokio::time::sleep_until(deadline) => return Some(current.status.clone()),
-            _ = shutdown.cancelled() => return Some(current.status.clone()),
+            changed = sub.rx.changed() => if changed.is_err() { return Some(current) },
+            _ = tokio::time::sleep_until(deadline) => return Some(current),
+            _ = shutdown.cancelled() => return Some(current),
         }
     }
 }
