@@ -96,14 +96,6 @@ impl AtomicWriter {
         self.tmp_dir.join(format!("{}{n}{suffix}", self.prefix))
     }
 
-    /// Writes `bytes` to a new staging file, its data flushed (fsync on), and
-    /// returns its path.
-    pub fn stage(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
-        let path = self.staging_path(suffix);
-        write_new(&path, bytes, self.fsync)?;
-        Ok(path)
-    }
-
     /// Writes `bytes` to a new staging file without flushing it: the caller
     /// calls [`barrier`](Self::barrier) before the file is given a final name.
     pub fn stage_unflushed(&self, bytes: &[u8], suffix: &str) -> io::Result<PathBuf> {
@@ -112,12 +104,16 @@ impl AtomicWriter {
         Ok(path)
     }
 
-    /// Writes a staging file, flushed unless `durability` is `Volatile`.
+    /// Writes a staging file, its data flushed (fsync on) unless
+    /// `durability` is `Volatile`.
     fn stage_for(&self, bytes: &[u8], durability: Durability) -> io::Result<PathBuf> {
-        match durability {
-            Durability::Volatile => self.stage_unflushed(bytes, ""),
-            _ => self.stage(bytes, ""),
-        }
+        let path = self.staging_path("");
+        write_new(
+            &path,
+            bytes,
+            self.fsync && durability != Durability::Volatile,
+        )?;
+        Ok(path)
     }
 
     /// Replaces `dest` with `bytes` in one step.
@@ -233,7 +229,10 @@ fn rename_noreplace_inner(from: &Path, to: &Path, lost_reply_check: bool) -> io:
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
     };
     let (cf, ct) = (c(from)?, c(to)?);
-    let ino = fs::symlink_metadata(from).map(|m| m.ino()).ok();
+    // Only a lost reply needs the inode, to recognise the file at `to`.
+    let ino = lost_reply_check
+        .then(|| fs::symlink_metadata(from).map(|m| m.ino()).ok())
+        .flatten();
     // SAFETY: two valid NUL-terminated paths, relative to the working directory.
     let rc = unsafe {
         libc::renameat2(
@@ -294,7 +293,8 @@ fn same_inode(path: &Path, ino: u64) -> bool {
 #[derive(Debug)]
 struct Flusher {
     /// Any directory of the spool: `syncfs` flushes the filesystem it is on.
-    dir: Option<File>,
+    /// Or why it cannot be opened, said at each flush.
+    dir: Result<File, String>,
     batch: Mutex<Batch>,
     done: Condvar,
 }
@@ -314,7 +314,12 @@ struct Batch {
 impl Flusher {
     fn new(dir: &Path) -> Flusher {
         Flusher {
-            dir: File::open(dir).ok(),
+            dir: File::open(dir).map_err(|e| {
+                format!(
+                    "cannot flush the spool: {} cannot be opened ({e}); check that it exists and that spoold may read it",
+                    dir.display()
+                )
+            }),
             batch: Mutex::new(Batch::default()),
             done: Condvar::new(),
         }
@@ -322,11 +327,10 @@ impl Flusher {
 
     /// Returns when a `syncfs` that started after this call has finished.
     fn flush(&self) -> io::Result<()> {
-        let Some(dir) = &self.dir else {
-            return Err(io::Error::other(
-                "cannot flush the spool: its tmp/ directory could not be opened; check that spoold may read the spool directory",
-            ));
-        };
+        let dir = self
+            .dir
+            .as_ref()
+            .map_err(|why| io::Error::other(why.clone()))?;
         let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         b.asked += 1;
         let ticket = b.asked;
