@@ -1,8 +1,8 @@
 //! Reading `progress.json`, which the handler replaces whenever it likes.
 //!
-//! The file is polled (a stat every `progress_interval`, a read only when its
-//! size, mtime or inode changed), which works the same on local disks and on
-//! NFS. Whatever the handler wrote is taken leniently: invalid UTF-8 is
+//! The file is checked (a stat, and a read only when its size, mtime or
+//! inode changed) when the handler writes it (`watch::Runs`) and every
+//! `progress_interval`, which works the same on local disks and on NFS. Whatever the handler wrote is taken leniently: invalid UTF-8 is
 //! replaced, progress is clamped to 0..=100, oversized messages and data are
 //! cut, and a file that is not a JSON object is skipped (and logged) rather
 //! than failing the event.

@@ -101,11 +101,11 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
         let listener = match listener.try_clone() {
             Ok(l) => l,
             Err(e) if n > 0 => {
-                tracing::warn!(error = %e, threads = n, "fewer HTTP threads than cores");
+                tracing::warn!(error = %e, threads = n, "fewer HTTP threads than cores; raise the open-files limit (ulimit -n)");
                 break;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot share the listening socket");
+                tracing::error!(error = %e, "cannot share the listening socket; raise the open-files limit (ulimit -n)");
                 return;
             }
         };
@@ -121,13 +121,15 @@ pub async fn run(sh: Arc<Shared>, listener: TcpListener, shutdown: CancellationT
                     .build();
                 match rt {
                     Ok(rt) => rt.block_on(accept_loop(sh, listener, limits, shutdown)),
-                    Err(e) => tracing::error!(error = %e, "cannot start an HTTP thread"),
+                    Err(e) => tracing::error!(error = %e, "cannot start an HTTP thread; raise the limits on processes and memory (ulimit -u, ulimit -v)"),
                 }
                 drop(tx);
             });
         match spawned {
             Ok(_) => stopped.push(rx),
-            Err(e) => tracing::error!(error = %e, "cannot start an HTTP thread"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an HTTP thread; raise the limits on processes and memory (ulimit -u, ulimit -v)")
+            }
         }
     }
     // The socket closes when the last thread's copy does.

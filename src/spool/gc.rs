@@ -51,7 +51,7 @@ impl Spool {
             .filter_map(|e| EventId::parse(e.ok()?.file_name().to_str()?).ok())
             .filter(|id| id.timestamp_ms() < cutoff_ms)
             .collect();
-        old.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        old.sort_unstable();
         for id in old {
             if swept.events_deleted + swept.keys_deleted >= max_deletes {
                 swept.more = true;

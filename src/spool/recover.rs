@@ -359,17 +359,16 @@ impl Spool {
         if path.exists() {
             return Ok(false);
         }
-        let created = !dir.exists();
-        fs::create_dir_all(&dir).at("create", &dir)?;
-        if created {
-            self.writer()
+        match fs::create_dir(&dir) {
+            Ok(()) => self
+                .writer()
                 .sync_parent(&dir, Durability::Durable)
-                .at("sync", &self.dir("events"))?;
+                .at("sync", &self.dir("events"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at("create", &dir),
         }
         let bytes = serde_json::to_vec_pretty(env).expect("serializable");
-        self.writer()
-            .replace(&path, &bytes, Durability::Durable)
-            .at("write", &path)?;
+        self.write_event_file(id, "event.json", &bytes, Durability::Durable)?;
         Ok(true)
     }
 
