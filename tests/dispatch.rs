@@ -1022,6 +1022,6 @@ fn retention_deletes_finished_events_and_keeps_unfinished_ones() {
     assert_eq!(srv.get(&format!("/events/{done}")).status, 404);
     // Older than the retention too, but not finished: kept, and it still runs.
     assert_eq!(common::state(&srv.status(&held)), "running");
-    std::fs::write(srv.dir.path().join(format!("go-{held}")), b"").unwrap();
+    release(&srv, &format!("go-{held}"));
     assert_eq!(srv.wait_final(&held, secs(10))["state"], "succeeded");
 }

@@ -718,5 +718,5 @@ fn a_subscriber_that_hangs_up_is_let_go_at_once() {
     drop(s);
     wait_streams_open(&srv, 0);
     go(&srv, &id, 1);
-    srv.wait_final(&id, FINAL);
+    assert_eq!(srv.wait_final(&id, FINAL)["state"], "succeeded");
 }

@@ -229,6 +229,7 @@ fn a_handler_that_forks_a_daemon_does_not_hold_up_its_event() {
     let (srv, _reap) = start(
         "forker",
         r#"setsid sh -c 'echo $$ > "$0/daemon.pid"; exec sleep 1000' "$T" &
+while [ ! -s "$T/daemon.pid" ]; do sleep 0.01; done
 echo "parent done"
 finish 0"#,
         "",
@@ -244,18 +245,13 @@ finish 0"#,
         "parent done\n"
     );
     let good = still_serves(&srv);
-    // The daemon writes its pid on its own time, maybe after the event
-    // ended; or never, when the end of the event killed the handler's
-    // process group before `setsid` took it out of it.
-    let pid_file = tdir(&srv).join("daemon.pid");
-    let pid = wait_for(secs(5), || {
-        let pid: i32 = fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0);
-        (pid > 0, pid)
-    })
-    .unwrap_or_else(|none| none);
+    // The handler waited for the daemon's pid, so the daemon was out of its
+    // process group, with the handler's stdout open, when the handler ended.
+    let pid: i32 = fs::read_to_string(tdir(&srv).join("daemon.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(pid > 0, "the daemon never wrote its pid");
     if pid > 0 && common::process_alive(pid) {
         println!("note: the setsid daemon {pid} outlived its event (documented; killing it)");
         unsafe { libc::kill(pid, libc::SIGKILL) };
