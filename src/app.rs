@@ -164,6 +164,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
         let _ = server.await;
     }
     tasks.wait().await;
+    sh.spool.writer().drop_spares();
     match failure {
         Some(why) => anyhow::bail!("{why}; see the log above"),
         None => Ok(()),

@@ -168,7 +168,7 @@ impl Spool {
         }
         self.forget_process(id);
         let path = self.running_path(id);
-        match fs::remove_file(&path) {
+        match self.writer().recycle(&path) {
             Err(e) if !is_gone(&e) => Err(e).at("release", &path),
             _ => Ok(()),
         }

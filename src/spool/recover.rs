@@ -207,7 +207,9 @@ impl Spool {
 
     /// Forgets the process of `id` (its run is over).
     pub fn forget_process(&self, id: &EventId) {
-        let _ = fs::remove_file(self.process_dir().join(format!("{id}.process")));
+        let _ = self
+            .writer()
+            .recycle(&self.process_dir().join(format!("{id}.process")));
     }
 
     /// Kills the handler group a previous run of `id` on this host may have

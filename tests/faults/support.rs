@@ -377,6 +377,7 @@ pub fn audit(srv: &Server, expect: &Expect) -> Figures {
             .flat_map(|d| {
                 common::names(&srv.spool.join(d))
                     .into_iter()
+                    .filter(|n| !n.ends_with(".spare"))
                     .map(move |n| format!("{d}/{n}"))
             })
             .collect();
