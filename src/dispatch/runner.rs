@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::handlers::{self, HandlerSpec};
@@ -81,9 +81,23 @@ where
     T: Send + 'static,
     F: FnOnce(&Shared) -> T + Send + 'static,
 {
+    joined(start_blocking(sh, f)).await
+}
+
+/// Starts `f` on a blocking thread, in the current span; see [`joined`].
+fn start_blocking<T, F>(sh: &Arc<Shared>, f: F) -> tokio::task::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Shared) -> T + Send + 'static,
+{
     let sh = Arc::clone(sh);
     let span = tracing::Span::current();
-    match tokio::task::spawn_blocking(move || span.in_scope(|| f(&sh))).await {
+    tokio::task::spawn_blocking(move || span.in_scope(|| f(&sh)))
+}
+
+/// Waits for a task from [`start_blocking`] (a panic in it carries on here).
+async fn joined<T>(task: tokio::task::JoinHandle<T>) -> T {
+    match task.await {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
@@ -132,9 +146,11 @@ async fn attempt(
     };
     Metrics::inc(&sh.metrics.started);
     sh.metrics.running.fetch_add(1, Ordering::Relaxed);
+    // The mark is written while the handler is watched, not before: a
+    // short handler may exit meanwhile. It is waited for before the run
+    // settles, which forgets it.
     let (id2, pid, attempt) = (id.clone(), running.pid, st.attempt);
-    blocking(sh, move |sh| mark_process(sh, &id2, pid, attempt)).await;
-
+    let marking = start_blocking(sh, move |sh| mark_process(sh, &id2, pid, attempt));
     let mut progress = ProgressFile::new(dir.join("progress.json"));
     let ending = supervise(
         sh,
@@ -152,6 +168,7 @@ async fn attempt(
     // The handler is gone: the next one may start while this outcome is
     // written.
     drop(slot);
+    joined(marking).await;
     // Exiting (killed by SIGPIPE, say) may beat the overflow signal: stdout decides.
     let ending = if stdout.overflowed {
         Ending::Overflow
@@ -399,12 +416,19 @@ async fn supervise(
     timeout: Duration,
     abort: &CancellationToken,
 ) -> Ending {
-    let deadline = Instant::now() + timeout;
-    let mut tick = interval(sh.settings.progress_interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut lease = interval(sh.settings.lease_ttl / 3);
-    lease.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    lease.tick().await;
+    let now = Instant::now();
+    let deadline = now + timeout;
+    // Both first ticks come one period after the start. An interval's
+    // first tick is due at once, but tokio's timer fires it at its next
+    // millisecond: awaited here, it held up noticing that a short handler
+    // had exited by up to 1 ms, which made half of a no-op run's time.
+    let every = |period: Duration| {
+        let mut i = interval_at(now + period, period);
+        i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        i
+    };
+    let mut tick = every(sh.settings.progress_interval);
+    let mut lease = every(sh.settings.lease_ttl / 3);
     let dir = sh.spool.event_dir(id);
     let cancel_marker = dir.join("cancel");
     // Progress is checked as soon as the handler writes it, but checks woken
