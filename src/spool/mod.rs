@@ -193,18 +193,31 @@ impl Spool {
 
     /// The current status: `status.json`, or the initial one derived from
     /// `event.json` when no status was written yet. `Ok(None)`: no such event.
+    ///
+    /// What was read must parse and name `id`, or it is read again: a
+    /// replaced status file is written again later (see
+    /// [`AtomicWriter::replace_status`]), so a reader that opened it just
+    /// before it was replaced, then stalled, could read another file's
+    /// bytes. Only a file that stays wrong is reported damaged.
     pub fn read_status(&self, id: &EventId) -> Result<Option<Status>> {
         let path = self.event_dir(id).join("status.json");
-        match read_if_exists(&path)? {
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| SpoolError::Damaged {
-                        path,
-                        detail: e.to_string(),
-                    })
+        let mut tries = 0;
+        loop {
+            let Some(bytes) = read_if_exists(&path)? else {
+                return Ok(self.read_envelope(id)?.map(|env| Status::initial(&env)));
+            };
+            let read = serde_json::from_slice::<Status>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|st| match st.id == id.as_str() {
+                    true => Ok(st),
+                    false => Err(format!("it is the status of event {:?}", st.id)),
+                });
+            tries += 1;
+            match read {
+                Ok(st) => return Ok(Some(st)),
+                Err(detail) if tries >= 3 => return Err(SpoolError::Damaged { path, detail }),
+                Err(_) => {}
             }
-            None => Ok(self.read_envelope(id)?.map(|env| Status::initial(&env))),
         }
     }
 
@@ -216,7 +229,7 @@ impl Spool {
         })?;
         let path = self.event_dir(&id).join("status.json");
         self.writer
-            .replace(&path, &status.to_json(), durability)
+            .replace_status(&path, &status.to_json(), durability)
             .at("write", &path)
     }
 

@@ -507,12 +507,7 @@ fn is_older_than(path: &Path, age: Duration, now: SystemTime) -> bool {
 }
 
 fn remove_any(path: &Path) {
-    let result = match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
+    if let Err(e) = super::atomic::remove_any(path) {
         if !is_gone(&e) {
             tracing::warn!(path = %path.display(), error = %e, "could not remove a staging leftover");
         }
