@@ -267,7 +267,7 @@ fn start(sh: &Shared, id: &EventId, token: ClaimToken) -> Result<Option<Started>
         Err(e) => return Err(e),
     };
     let status = spool
-        .status_or_rebuild(id)?
+        .status_or_rebuild_from(id, Some(&env))?
         .unwrap_or_else(|| Status::initial(&env));
     if status.state.is_terminal() {
         spool.release_final(id, token, &status)?;
@@ -361,16 +361,7 @@ fn handler_env(
     deadline: Timestamp,
 ) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = Vec::new();
-    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
-    // Put spoold itself on the PATH so shell handlers can call `spoold report`.
-    let path = match std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_owned))
-    {
-        Some(own) => format!("{}:{path}", own.display()),
-        None => path,
-    };
-    vars.push(("PATH".into(), path));
+    vars.push(("PATH".into(), handler_path().to_owned()));
     vars.push((
         "LANG".into(),
         std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
@@ -392,6 +383,22 @@ fn handler_env(
         ("SPOOL_DEADLINE".into(), deadline.to_string()),
     ]);
     vars
+}
+
+/// The PATH handlers get: spoold's own, with spoold's directory in front
+/// so that shell handlers can call `spoold report`.
+fn handler_path() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+        match std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+        {
+            Some(own) => format!("{}:{path}", own.display()),
+            None => path,
+        }
+    })
 }
 
 /// Notes the handler's pid, start time and boot, so that a restarted

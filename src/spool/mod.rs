@@ -200,11 +200,24 @@ impl Spool {
     /// before it was replaced, then stalled, could read another file's
     /// bytes. Only a file that stays wrong is reported damaged.
     pub fn read_status(&self, id: &EventId) -> Result<Option<Status>> {
+        self.read_status_or(id, || {
+            Ok(self.read_envelope(id)?.map(|env| Status::initial(&env)))
+        })
+    }
+
+    /// [`read_status`](Self::read_status), with the status to fall back on
+    /// when no status was written yet from `initial` (which a caller that
+    /// has read `event.json` already makes without reading it again).
+    pub fn read_status_or(
+        &self,
+        id: &EventId,
+        initial: impl FnOnce() -> Result<Option<Status>>,
+    ) -> Result<Option<Status>> {
         let path = self.event_dir(id).join("status.json");
         let mut tries = 0;
         loop {
             let Some(bytes) = read_if_exists(&path)? else {
-                return Ok(self.read_envelope(id)?.map(|env| Status::initial(&env)));
+                return initial();
             };
             let read = serde_json::from_slice::<Status>(&bytes)
                 .map_err(|e| e.to_string())

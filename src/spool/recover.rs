@@ -66,9 +66,13 @@ impl ProcessMark {
 }
 
 fn boot_id() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_owned())
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+    })
+    .clone()
 }
 
 /// What recovery did, for the log.
@@ -378,12 +382,25 @@ impl Spool {
     /// a filesystem that lost data) is rebuilt from `event.json`, with the
     /// attempt count started afresh, rather than losing the event.
     pub fn status_or_rebuild(&self, id: &EventId) -> Result<Option<Status>> {
-        match self.read_status(id) {
+        self.status_or_rebuild_from(id, None)
+    }
+
+    /// [`status_or_rebuild`](Self::status_or_rebuild) for an event whose
+    /// `event.json` the caller has read already.
+    pub fn status_or_rebuild_from(
+        &self,
+        id: &EventId,
+        env: Option<&Envelope>,
+    ) -> Result<Option<Status>> {
+        let initial = || match env {
+            Some(env) => Ok(Some(Status::initial(env))),
+            None => Ok(self.read_envelope(id)?.map(|env| Status::initial(&env))),
+        };
+        match self.read_status_or(id, initial) {
             Err(SpoolError::Damaged { path, detail }) if path.ends_with("status.json") => {
-                let Some(env) = self.read_envelope(id)? else {
+                let Some(mut status) = initial()? else {
                     return Ok(None);
                 };
-                let mut status = Status::initial(&env);
                 // The old seq is lost; one from the clock stays ahead of it, so
                 // ETags and SSE ids keep growing for those who follow the event.
                 status.updated_at = Timestamp::now();
