@@ -425,17 +425,20 @@ async fn supervise(
 ) -> Ending {
     let now = Instant::now();
     let deadline = now + timeout;
-    // Both first ticks come one period after the start. An interval's
-    // first tick is due at once, but tokio's timer fires it at its next
-    // millisecond: awaited here, it held up noticing that a short handler
-    // had exited by up to 1 ms, which made half of a no-op run's time.
-    let every = |period: Duration| {
-        let mut i = interval_at(now + period, period);
+    // The first check of progress is due at once: the handler may have
+    // reported before its directory was watched. The lease's first touch
+    // is due a period after the start. (It used to be due at once too, and
+    // awaited before the handler was watched; tokio's timer fires a tick
+    // due now at its next millisecond, so noticing that a short handler
+    // had exited took up to 1 ms longer, half of a no-op run's time.)
+    let every = |first: Instant, period: Duration| {
+        let mut i = interval_at(first, period);
         i.set_missed_tick_behavior(MissedTickBehavior::Delay);
         i
     };
-    let mut tick = every(sh.settings.progress_interval);
-    let mut lease = every(sh.settings.lease_ttl / 3);
+    let mut tick = every(now, sh.settings.progress_interval);
+    let lease_every = sh.settings.lease_ttl / 3;
+    let mut lease = every(now + lease_every, lease_every);
     let dir = sh.spool.event_dir(id);
     let cancel_marker = dir.join("cancel");
     // Progress is checked as soon as the handler writes it, but checks woken
