@@ -270,3 +270,26 @@ fn records_with_unknown_fields_or_states_do_not_stop_the_event() {
     logged_line(&srv, "status.json was damaged");
     audit(&srv, &Expect::new([extra, paused]));
 }
+
+#[test]
+fn a_status_that_names_another_event_is_never_served_as_this_ones() {
+    let srv = common::server()
+        .handler("job", &logged("cat\nfinish 0"))
+        .start();
+    let _reap = ReapSpool(srv.spool.clone());
+    let sp = &srv.spool;
+    // A status.json copied from another event (by hand; or what a reader
+    // could find in a replaced status file spoold has written again).
+    let (id, other) = (make_ulid(), make_ulid());
+    write_event_by_hand(sp, &id, "job", r#"{"v": 4}"#);
+    let st = format!(
+        r#"{{"id":"{other}","type":"job","state":"succeeded","seq":9,"attempt":1,"max_attempts":3}}"#
+    );
+    fs::write(sp.join("events").join(&id).join("status.json"), st).unwrap();
+    fs::write(sp.join("queue").join(&id), br#"{"type":"job"}"#).unwrap();
+    let st = srv.wait_final(&id, secs(10));
+    assert_eq!(st["id"], id.as_str(), "{st}");
+    assert_eq!(st["state"], "succeeded", "the event ran: {st}");
+    logged_line(&srv, "status.json was damaged");
+    audit(&srv, &Expect::new([id]));
+}
