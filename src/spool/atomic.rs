@@ -31,15 +31,16 @@
 //!
 //! **Spare files.** A claim or a process mark that has served is not
 //! deleted: [`AtomicWriter::recycle`] moves it into `tmp/` as a spare, and
-//! the next staging file is written into a spare instead of a new inode. A
-//! status file is replaced by [`AtomicWriter::replace_status`], which swaps
-//! the new file in and keeps the old one as a spare after it has rested
-//! (readers may still have it open; they check what they read). ext4
-//! without a journal skips every inode freed in the last few seconds
-//! (minutes, while its inode table block is dirty) each time it allocates
-//! one, holding the directory's lock meanwhile: with three inodes freed per
-//! event, that scan was a quarter of spoold's CPU time at 600 events/s, and
-//! the freed `running` statuses alone halved the events/s end to end.
+//! the next staging file is written into a spare instead of a new inode.
+//! Only files that no reader opens by name are recycled. A status file,
+//! which readers do open, is never written again once replaced; instead the
+//! first one gets a second name (see `Spool::write_status`), so that
+//! replacing it does not free its inode. ext4 without a journal skips every
+//! inode freed in the last few seconds (minutes, while its inode table
+//! block is dirty) each time it allocates one, holding the directory's lock
+//! meanwhile: with three inodes freed per event, that scan was a quarter of
+//! spoold's CPU time at 600 events/s, and the freed `running` statuses alone
+//! halved the events/s end to end.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -58,37 +59,12 @@ pub struct AtomicWriter {
     counter: AtomicU64,
     fsync: bool,
     flusher: Flusher,
-    spares: Mutex<Spares>,
-    /// False once `RENAME_EXCHANGE` was refused (NFS, FUSE): plain renames.
-    exchange: std::sync::atomic::AtomicBool,
+    /// Files in `tmp/` free to be written again, newest last.
+    spares: Mutex<Vec<(PathBuf, Instant)>>,
 }
-
-/// Files in `tmp/` free to be written again.
-#[derive(Debug, Default)]
-struct Spares {
-    /// Ready, each with the time it became a spare; newest last.
-    ready: Vec<(PathBuf, Instant)>,
-    /// Replaced status files, each with the time it may be written again;
-    /// oldest first (see [`AtomicWriter::replace_status`]).
-    cooling: std::collections::VecDeque<(PathBuf, Instant)>,
-}
-
-impl Spares {
-    fn len(&self) -> usize {
-        self.ready.len() + self.cooling.len()
-    }
-}
-
-/// The suffix of a spare file's name in `tmp/`.
-const SPARE: &str = ".spare";
 
 /// At most this many spare files are kept; past it, a file is deleted.
-const MAX_SPARES: usize = 1024;
-
-/// How long a replaced status file rests before it is written again: a
-/// reader that opened it just before it was replaced has read it by then
-/// (and a reader checks what it read anyway; see `Spool::read_status`).
-const COOLING: Duration = Duration::from_millis(250);
+const MAX_SPARES: usize = 256;
 
 /// A spare unused for this long is deleted rather than written again:
 /// another host's recovery removes files of this host's left in `tmp/` for a
@@ -121,8 +97,7 @@ impl AtomicWriter {
             prefix: format!("{host}.{}.", std::process::id()),
             counter: AtomicU64::new(0),
             fsync,
-            spares: Mutex::new(Spares::default()),
-            exchange: std::sync::atomic::AtomicBool::new(true),
+            spares: Mutex::new(Vec::new()),
         }
     }
 
@@ -173,12 +148,7 @@ impl AtomicWriter {
 
     fn take_spare(&self) -> Option<PathBuf> {
         let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        while spares.cooling.front().is_some_and(|(_, ripe)| *ripe <= now) {
-            let (path, _) = spares.cooling.pop_front().expect("checked");
-            spares.ready.push((path, now));
-        }
-        while let Some((path, since)) = spares.ready.pop() {
+        while let Some((path, since)) = spares.pop() {
             if since.elapsed() < SPARE_MAX_AGE {
                 return Some(path);
             }
@@ -197,9 +167,8 @@ impl AtomicWriter {
         flush: bool,
     ) -> io::Result<Option<PathBuf>> {
         use std::os::unix::fs::OpenOptionsExt;
-        // A replaced status.json is whatever was at that name: a handler
-        // may have put a FIFO there (not opened for writing without
-        // O_NONBLOCK until someone reads it), a symlink or a directory.
+        // Not blocked by a FIFO put where a file was (O_NONBLOCK), and
+        // never through a symlink.
         let opened = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -212,18 +181,11 @@ impl AtomicWriter {
                 return Ok(None);
             }
         };
-        let path = if spare.as_os_str().to_string_lossy().ends_with(suffix) {
-            spare
-        } else {
-            let named = self.staging_path(suffix);
-            if fs::rename(&spare, &named).is_err() {
-                let _ = fs::remove_file(&spare);
-                return Ok(None);
-            }
-            named
-        };
         // Written from the start, then cut to length: truncating to zero
-        // first would make ext4 start writing the file back at close.
+        // first would make ext4 start writing the file back at close. Written
+        // before it is renamed, so that no name in `tmp/` ever shows a
+        // spare's old bytes and old mtime (another host's recovery could
+        // take such a `.queue.` file for an abandoned journal).
         let written = file.write_all(bytes).and_then(|()| {
             if old_len > bytes.len() as u64 {
                 file.set_len(bytes.len() as u64)?;
@@ -233,11 +195,19 @@ impl AtomicWriter {
             }
             Ok(())
         });
-        match written {
-            Ok(()) => Ok(Some(path)),
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                Err(e)
+        if let Err(e) = written {
+            let _ = fs::remove_file(&spare);
+            return Err(e);
+        }
+        if suffix.is_empty() {
+            return Ok(Some(spare));
+        }
+        let named = self.staging_path(suffix);
+        match fs::rename(&spare, &named) {
+            Ok(()) => Ok(Some(named)),
+            Err(_) => {
+                let _ = fs::remove_file(&spare);
+                Ok(None)
             }
         }
     }
@@ -246,7 +216,7 @@ impl AtomicWriter {
     /// recovery, which removes this host's files in `tmp/`).
     pub fn drop_spares(&self) {
         let spares = std::mem::take(&mut *self.spares.lock().unwrap_or_else(|e| e.into_inner()));
-        for (path, _) in spares.ready.into_iter().chain(spares.cooling) {
+        for (path, _) in spares {
             let _ = fs::remove_file(path);
         }
     }
@@ -260,66 +230,38 @@ impl AtomicWriter {
         if full {
             return fs::remove_file(path);
         }
-        let spare = self.staging_path(SPARE);
+        let spare = self.staging_path(".spare");
         fs::rename(path, &spare)?;
         self.spares
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .ready
             .push((spare, Instant::now()));
         Ok(())
     }
 
-    /// [`replace`](Self::replace) for a status file: the file it replaces
-    /// becomes a spare instead of being freed (see the module
-    /// documentation), by one `renameat2(RENAME_EXCHANGE)` that puts the new
-    /// file in place and the old one at the staging name. Readers may still
-    /// hold the old file open, so it rests for [`COOLING`] first, and
-    /// readers check that what they read is whole and theirs. Where the
-    /// filesystem cannot exchange, or `dest` does not exist yet, a rename.
-    pub fn replace_status(
-        &self,
-        dest: &Path,
-        bytes: &[u8],
-        durability: Durability,
-    ) -> io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        // Named as what it becomes once swapped: a spare.
-        let staged = self.stage(
-            bytes,
-            SPARE,
-            self.fsync && durability != Durability::Volatile,
-        )?;
-        let swapped = self.exchange.load(Relaxed)
-            && self.spares.lock().unwrap_or_else(|e| e.into_inner()).len() < MAX_SPARES
-            && match exchange(&staged, dest) {
-                Ok(()) => true,
-                Err(e) => {
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                    ) {
-                        self.exchange.store(false, Relaxed);
-                    }
-                    false
-                }
-            };
-        if swapped {
-            self.spares
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .cooling
-                .push_back((staged, Instant::now() + COOLING));
-        } else if let Err(e) = rename_checked(&staged, dest) {
+    /// Replaces `dest` with `bytes` in one step.
+    pub fn replace(&self, dest: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
+        let staged = self.stage_for(bytes, durability)?;
+        if let Err(e) = rename_checked(&staged, dest) {
             let _ = fs::remove_file(&staged);
             return Err(e);
         }
         self.sync_parent(dest, durability)
     }
 
-    /// Replaces `dest` with `bytes` in one step.
-    pub fn replace(&self, dest: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
+    /// [`replace`](Self::replace), giving the new file the name `keep` too
+    /// when nothing has that name yet (the first version of `dest`): the
+    /// version that replaces it later then does not free its inode (see
+    /// the module documentation).
+    pub fn replace_keeping(
+        &self,
+        dest: &Path,
+        keep: &Path,
+        bytes: &[u8],
+        durability: Durability,
+    ) -> io::Result<()> {
         let staged = self.stage_for(bytes, durability)?;
+        let _ = fs::hard_link(&staged, keep);
         if let Err(e) = rename_checked(&staged, dest) {
             let _ = fs::remove_file(&staged);
             return Err(e);
@@ -433,7 +375,12 @@ pub fn rename_noreplace_contended(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 fn rename_noreplace_inner(from: &Path, to: &Path, lost_reply_check: bool) -> io::Result<()> {
-    let (cf, ct) = (c_path(from)?, c_path(to)?);
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
     // Only a lost reply needs the inode, to recognise the file at `to`.
     let ino = lost_reply_check
         .then(|| fs::symlink_metadata(from).map(|m| m.ino()).ok())
@@ -473,32 +420,6 @@ fn rename_noreplace_inner(from: &Path, to: &Path, lost_reply_check: bool) -> io:
             Ok(())
         }
         _ => Err(err),
-    }
-}
-
-fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-/// Swaps the files at `a` and `b` in one step (both must exist).
-fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    let (ca, cb) = (c_path(a)?, c_path(b)?);
-    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -668,62 +589,24 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
-    /// Replaces `dest` with statuses until one is written into `ino`.
-    fn until_reused(w: &AtomicWriter, dest: &Path, ino: u64) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            w.replace_status(dest, b"{}", Durability::Volatile).unwrap();
-            if fs::metadata(dest).unwrap().ino() == ino {
-                return true;
-            }
-        }
-        false
-    }
-
     #[test]
-    fn a_replaced_status_file_rests_then_is_written_again() {
+    fn a_kept_first_version_outlives_its_replacements_under_its_second_name() {
         let dir = tempfile::tempdir().unwrap();
         let w = writer(dir.path());
-        let dest = dir.path().join("status.json");
-        w.replace_status(&dest, b"running", Durability::Durable)
+        let (dest, keep) = (
+            dir.path().join("status.json"),
+            dir.path().join("status.first"),
+        );
+        w.replace_keeping(&dest, &keep, b"running", Durability::Volatile)
             .unwrap();
         let first = fs::metadata(&dest).unwrap().ino();
-        let mut reader = File::open(&dest).unwrap();
-        w.replace_status(&dest, b"final", Durability::Durable)
+        assert_eq!(fs::metadata(&keep).unwrap().ino(), first);
+        w.replace_keeping(&dest, &keep, b"final", Durability::Durable)
             .unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"final");
-        // Not written again at once: a reader that opened it still reads it.
-        let mut old = String::new();
-        std::io::Read::read_to_string(&mut reader, &mut old).unwrap();
-        assert_eq!(old, "running");
-        assert!(
-            until_reused(&w, &dest, first),
-            "the old file is used again after it rested"
-        );
-        w.drop_spares();
+        assert_eq!(fs::read(&keep).unwrap(), b"running", "never written again");
+        assert_eq!(fs::metadata(&keep).unwrap().ino(), first);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn a_fifo_in_place_of_a_status_is_replaced_and_never_opened_for_writing() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = writer(dir.path());
-        let dest = dir.path().join("status.json");
-        let c = c_path(&dest).unwrap();
-        // SAFETY: a valid path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        w.replace_status(&dest, b"final", Durability::Durable)
-            .unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), b"final");
-        // The FIFO rests as a spare, then is dropped, not written into.
-        let ino = fs::metadata(&dest).unwrap().ino();
-        let other = dir.path().join("other.json");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::read_dir(dir.path().join("tmp")).unwrap().count() > 0 {
-            assert!(Instant::now() < deadline, "the FIFO is still in tmp/");
-            w.replace(&other, b"x", Durability::Volatile).unwrap();
-        }
-        assert_eq!(fs::metadata(&dest).unwrap().ino(), ino);
     }
 
     #[test]

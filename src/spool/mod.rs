@@ -108,6 +108,10 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
+/// The second name of an event's first status file (see
+/// [`Spool::write_status`]); spoold never reads it.
+pub const FIRST_STATUS: &str = "status.first";
+
 /// True for the errors that mean "someone else moved or removed it".
 pub fn is_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESTALE)
@@ -193,12 +197,8 @@ impl Spool {
 
     /// The current status: `status.json`, or the initial one derived from
     /// `event.json` when no status was written yet. `Ok(None)`: no such event.
-    ///
-    /// What was read must parse and name `id`, or it is read again: a
-    /// replaced status file is written again later (see
-    /// [`AtomicWriter::replace_status`]), so a reader that opened it just
-    /// before it was replaced, then stalled, could read another file's
-    /// bytes. Only a file that stays wrong is reported damaged.
+    /// A `status.json` that does not parse, or names another event, is
+    /// damaged.
     pub fn read_status(&self, id: &EventId) -> Result<Option<Status>> {
         self.read_status_or(id, || {
             Ok(self.read_envelope(id)?.map(|env| Status::initial(&env)))
@@ -214,35 +214,45 @@ impl Spool {
         initial: impl FnOnce() -> Result<Option<Status>>,
     ) -> Result<Option<Status>> {
         let path = self.event_dir(id).join("status.json");
-        let mut tries = 0;
-        loop {
-            let Some(bytes) = read_if_exists(&path)? else {
-                return initial();
-            };
-            let read = serde_json::from_slice::<Status>(&bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|st| match st.id == id.as_str() {
-                    true => Ok(st),
-                    false => Err(format!("it is the status of event {:?}", st.id)),
-                });
-            tries += 1;
-            match read {
-                Ok(st) => return Ok(Some(st)),
-                Err(detail) if tries >= 3 => return Err(SpoolError::Damaged { path, detail }),
-                Err(_) => {}
-            }
+        let Some(bytes) = read_if_exists(&path)? else {
+            return initial();
+        };
+        let status: Status = serde_json::from_slice(&bytes).map_err(|e| SpoolError::Damaged {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        if status.id != id.as_str() {
+            return Err(SpoolError::Damaged {
+                path,
+                detail: format!("it is the status of event {:?}", status.id),
+            });
         }
+        Ok(Some(status))
     }
 
     /// Replaces `status.json`. Only the event's owner may call this.
+    ///
+    /// An event's first status file also gets the name `status.first`, so
+    /// that the statuses replacing it do not free it. Freeing a file is
+    /// dear on this project's machines (ext4 without a journal searches past
+    /// recently freed inodes at every creation, and `discard` sends the
+    /// freed blocks to the disk): freeing one per event, the `running`
+    /// status, halved the events/s end to end (see `docs/benchmarks.md`).
+    /// The price is one small file per event until the event is deleted.
     pub fn write_status(&self, status: &Status, durability: Durability) -> Result<()> {
         let id = EventId::parse(&status.id).map_err(|e| SpoolError::Damaged {
             path: self.root.join("events"),
             detail: e.to_string(),
         })?;
-        let path = self.event_dir(&id).join("status.json");
+        let dir = self.event_dir(&id);
+        let path = dir.join("status.json");
         self.writer
-            .replace_status(&path, &status.to_json(), durability)
+            .replace_keeping(
+                &path,
+                &dir.join(FIRST_STATUS),
+                &status.to_json(),
+                durability,
+            )
             .at("write", &path)
     }
 
