@@ -18,6 +18,43 @@ use serde_json::{json, Value};
 const DRIVER: &str = "/usr/bin/chromedriver";
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// One request to chromedriver, its JSON answer; None when the connection
+/// fails or the answer is not JSON (no panic: the callers retry).
+fn driver_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    // chromedriver keeps the connection open: read the head, then as many
+    // bytes as its Content-Length says.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let at = loop {
+        if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = s.read(&mut buf).ok().filter(|&n| n > 0)?;
+        answer.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&answer[..at]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    while answer.len() < at + len {
+        let n = s.read(&mut buf).ok().filter(|&n| n > 0)?;
+        answer.extend_from_slice(&buf[..n]);
+    }
+    serde_json::from_slice(&answer[at..at + len]).ok()
+}
+
 struct Browser {
     driver: Child,
     addr: SocketAddr,
@@ -47,8 +84,10 @@ impl Browser {
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Ready when its /status says so, not when its port first accepts:
+        // a session asked for earlier was sometimes answered with nothing.
         common::wait_until(Duration::from_secs(20), "chromedriver ready", || {
-            std::net::TcpStream::connect(addr).is_ok()
+            driver_call(addr, "GET", "/status", "").is_some_and(|v| v["value"]["ready"] == true)
         });
         let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
@@ -62,8 +101,12 @@ impl Browser {
             session: String::new(),
             _profile: profile,
         };
-        let v = b.call("POST", "/session", &caps);
-        b.session = v["sessionId"]
+        // Chromium is started for the session; under load a start can
+        // fail with an empty answer, so it is tried three times.
+        let v = (0..3)
+            .find_map(|_| driver_call(addr, "POST", "/session", &caps.to_string()))
+            .unwrap_or_else(|| panic!("chromedriver gave no session three times"));
+        b.session = v["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {v}"))
             .to_owned();
