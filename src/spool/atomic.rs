@@ -241,12 +241,7 @@ impl AtomicWriter {
 
     /// Replaces `dest` with `bytes` in one step.
     pub fn replace(&self, dest: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
-        let staged = self.stage_for(bytes, durability)?;
-        if let Err(e) = rename_checked(&staged, dest) {
-            let _ = fs::remove_file(&staged);
-            return Err(e);
-        }
-        self.sync_parent(dest, durability)
+        self.replace_keeping(dest, None, bytes, durability)
     }
 
     /// [`replace`](Self::replace), giving the new file the name `keep` too
@@ -256,12 +251,14 @@ impl AtomicWriter {
     pub fn replace_keeping(
         &self,
         dest: &Path,
-        keep: &Path,
+        keep: Option<&Path>,
         bytes: &[u8],
         durability: Durability,
     ) -> io::Result<()> {
         let staged = self.stage_for(bytes, durability)?;
-        let _ = fs::hard_link(&staged, keep);
+        if let Some(keep) = keep {
+            let _ = fs::hard_link(&staged, keep);
+        }
         if let Err(e) = rename_checked(&staged, dest) {
             let _ = fs::remove_file(&staged);
             return Err(e);
@@ -597,11 +594,11 @@ mod tests {
             dir.path().join("status.json"),
             dir.path().join("status.first"),
         );
-        w.replace_keeping(&dest, &keep, b"running", Durability::Volatile)
+        w.replace_keeping(&dest, Some(&keep), b"running", Durability::Volatile)
             .unwrap();
         let first = fs::metadata(&dest).unwrap().ino();
         assert_eq!(fs::metadata(&keep).unwrap().ino(), first);
-        w.replace_keeping(&dest, &keep, b"final", Durability::Durable)
+        w.replace_keeping(&dest, Some(&keep), b"final", Durability::Durable)
             .unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"final");
         assert_eq!(fs::read(&keep).unwrap(), b"running", "never written again");

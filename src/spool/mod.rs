@@ -249,7 +249,7 @@ impl Spool {
         self.writer
             .replace_keeping(
                 &path,
-                &dir.join(FIRST_STATUS),
+                Some(&dir.join(FIRST_STATUS)),
                 &status.to_json(),
                 durability,
             )
