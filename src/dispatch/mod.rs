@@ -112,8 +112,8 @@ impl DispatchHandle {
 struct Dispatcher {
     sh: Arc<Shared>,
     pending: Pending,
-    /// Runs going on now (claimed, not yet finished): ID → type.
-    running: HashMap<EventId, String>,
+    /// Runs going on now (claimed, not yet finished).
+    running: HashSet<EventId>,
     /// Entries queued again by a run that has not yet told it finished (a
     /// retry): pending once it has.
     parked: HashMap<EventId, QueueEntry>,
@@ -141,7 +141,7 @@ pub async fn run(
     let mut d = Dispatcher {
         sh,
         pending: Pending::default(),
-        running: HashMap::new(),
+        running: HashSet::new(),
         parked: HashMap::new(),
         busy: 0,
         per_type: HashMap::new(),
@@ -186,7 +186,7 @@ impl Dispatcher {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Queued(id, entry) => {
-                if self.running.contains_key(&id) {
+                if self.running.contains(&id) {
                     // A retry: its run sends this before it ends. Dropped,
                     // the retry waited for the next rescan of `queue/`,
                     // however short its backoff.
@@ -233,7 +233,7 @@ impl Dispatcher {
 
     /// Adds a queue entry not known yet, reading it from disk.
     fn learn(&mut self, id: EventId) {
-        if !self.pending.contains(&id) && !self.running.contains_key(&id) {
+        if !self.pending.contains(&id) && !self.running.contains(&id) {
             if let Some(entry) = read_entry(&self.sh.spool, &id) {
                 self.pending.insert(id, entry);
             }
@@ -245,7 +245,7 @@ impl Dispatcher {
             tracing::error!(error = %e, "cannot list the queue");
         }
         let sh = Arc::clone(&self.sh);
-        let ours: HashSet<EventId> = self.running.keys().cloned().collect();
+        let ours = self.running.clone();
         let suspects = std::mem::take(&mut self.suspects);
         let scan = tokio::task::spawn_blocking(move || {
             take_over_stale_claims(&sh.spool, sh.settings.lease_ttl, &ours, suspects)
@@ -294,7 +294,7 @@ impl Dispatcher {
     }
 
     fn start(&mut self, id: EventId, kind: String, token: ClaimToken) {
-        self.running.insert(id.clone(), kind.clone());
+        self.running.insert(id.clone());
         self.busy += 1;
         *self.per_type.entry(kind.clone()).or_default() += 1;
         let slot = Slot {
