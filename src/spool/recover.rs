@@ -198,28 +198,37 @@ impl Spool {
         self.dir("hosts").join(self.host())
     }
 
+    fn mark_path(&self, id: &EventId) -> std::path::PathBuf {
+        self.process_dir().join(format!("{id}.process"))
+    }
+
     /// Notes the process group of the handler now running `id`.
     pub fn mark_process(&self, id: &EventId, mark: &ProcessMark) -> Result<()> {
-        let dir = self.process_dir();
-        fs::create_dir_all(&dir).at("create", &dir)?;
-        let path = dir.join(format!("{id}.process"));
+        let path = self.mark_path(id);
         let bytes = serde_json::to_vec(mark).expect("serializable");
-        self.writer()
-            .replace(&path, &bytes, Durability::Volatile)
-            .at("write", &path)
+        let write = || self.writer().replace(&path, &bytes, Durability::Volatile);
+        // `hosts/<host>/` is made at the first mark, and again if it was
+        // removed by hand: not looked for at every run.
+        match write() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = self.process_dir();
+                fs::create_dir_all(&dir).at("create", &dir)?;
+                write()
+            }
+            other => other,
+        }
+        .at("write", &path)
     }
 
     /// Forgets the process of `id` (its run is over).
     pub fn forget_process(&self, id: &EventId) {
-        let _ = self
-            .writer()
-            .recycle(&self.process_dir().join(format!("{id}.process")));
+        let _ = self.writer().recycle(&self.mark_path(id));
     }
 
     /// Kills the handler group a previous run of `id` on this host may have
     /// left (spoold died, or a run was abandoned); true if one was killed.
     pub fn kill_leftover(&self, id: &EventId) -> bool {
-        let path = self.process_dir().join(format!("{id}.process"));
+        let path = self.mark_path(id);
         let mark: Option<ProcessMark> = fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -467,29 +476,15 @@ fn kill_escaped(root: &Path, id: &EventId, attempt: u32, group: Option<i32>) -> 
         format!("SPOOL_ID={id}"),
         format!("SPOOL_ATTEMPT={attempt}"),
     ];
-    let me = std::process::id() as i32;
     let mut killed = std::collections::HashSet::new();
     for _ in 0..3 {
         let mut found = 0;
-        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if pid == me || killed.contains(&pid) || group.is_some() && process_group(pid) == group
-            {
+        for (pid, _) in processes_with_env(&want) {
+            if killed.contains(&pid) || group.is_some() && process_group(pid) == group {
                 continue;
             }
-            // A zombie (or a kernel thread) shows an empty environment.
-            let Ok(env) = fs::read(entry.path().join("environ")) else {
-                continue;
-            };
-            let has = |v: &String| env.split(|b| *b == 0).any(|e| e == v.as_bytes());
             // SAFETY: plain kill(2) of one process.
-            if want.iter().all(has) && unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
                 killed.insert(pid);
                 found += 1;
             }
@@ -499,6 +494,35 @@ fn kill_escaped(root: &Path, id: &EventId, attempt: u32, group: Option<i32>) -> 
         }
     }
     killed.len()
+}
+
+/// The processes but this one whose environment holds every `NAME=value`
+/// of `vars`, each with its environment (`NAME=value` entries separated by
+/// NULs). A zombie or a kernel thread shows an empty environment; a process
+/// of another user, or one that cleared its environment, is not seen.
+pub fn processes_with_env(vars: &[String]) -> Vec<(i32, Vec<u8>)> {
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let has = |v: &String| env.split(|b| *b == 0).any(|e| e == v.as_bytes());
+        if vars.iter().all(has) {
+            found.push((pid, env));
+        }
+    }
+    found
 }
 
 /// Field 5 of /proc/<pid>/stat: the process group.

@@ -797,33 +797,19 @@ pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
 /// whatever they started, with their `SPOOL_ID`.
 pub fn spool_processes(spool: &Path) -> Vec<(i32, String)> {
     let root = spool.canonicalize().unwrap_or_else(|_| spool.to_owned());
-    let want = format!("SPOOL_DIR={}", root.display());
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(env) = fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let vars: Vec<String> = env
-            .split(|b| *b == 0)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .collect();
-        if vars.contains(&want) && process_alive(pid) {
-            let id = vars
-                .iter()
-                .find_map(|v| v.strip_prefix("SPOOL_ID="))
-                .unwrap_or("")
-                .to_owned();
-            found.push((pid, id));
-        }
-    }
-    found
+    let want = [format!("SPOOL_DIR={}", root.display())];
+    spoold::spool::recover::processes_with_env(&want)
+        .into_iter()
+        .filter(|(pid, _)| process_alive(*pid))
+        .map(|(pid, env)| {
+            let id = env
+                .split(|b| *b == 0)
+                .find_map(|v| v.strip_prefix(b"SPOOL_ID="))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            (pid, id)
+        })
+        .collect()
 }
 
 /// Kills every process [`spool_processes`] finds. A spoold killed with -9
