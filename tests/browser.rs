@@ -21,38 +21,9 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// One request to chromedriver, its JSON answer; None when the connection
 /// fails or the answer is not JSON (no panic: the callers retry).
 fn driver_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    // chromedriver keeps the connection open: read the head, then as many
-    // bytes as its Content-Length says.
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    let at = loop {
-        if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        let n = s.read(&mut buf).ok().filter(|&n| n > 0)?;
-        answer.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&answer[..at]).to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))?
-        .trim()
-        .parse()
-        .ok()?;
-    while answer.len() < at + len {
-        let n = s.read(&mut buf).ok().filter(|&n| n > 0)?;
-        answer.extend_from_slice(&buf[..n]);
-    }
-    serde_json::from_slice(&answer[at..at + len]).ok()
+    let headers = [("content-type", "application/json")];
+    let r = common::try_request(addr, method, path, &headers, body.as_bytes()).ok()?;
+    serde_json::from_slice(&r.body).ok()
 }
 
 struct Browser {

@@ -422,6 +422,18 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
+    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`request`] that reports a failed connection or an unreadable answer
+/// instead of panicking, for callers that retry.
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp, String> {
     let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         raw.push_str(&format!("{k}: {v}\r\n"));
@@ -432,15 +444,21 @@ pub fn request(
     raw.push_str("\r\n");
     let mut bytes = raw.into_bytes();
     bytes.extend_from_slice(body);
-    raw_request(addr, &bytes)
+    try_raw_request(addr, &bytes)
 }
 
 /// Sends raw bytes and reads one response: by Content-Length, chunked
 /// framing, or until the server closes when it sends neither.
 pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    try_raw_request(addr, bytes).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`raw_request`], with what went wrong as an error instead of a panic.
+pub fn try_raw_request(addr: SocketAddr, bytes: &[u8]) -> Result<Resp, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(bytes).unwrap();
+    s.write_all(bytes)
+        .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut reader = BufReader::new(s);
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -450,12 +468,12 @@ pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
         }
         head.extend_from_slice(&line);
     }
-    let mut resp = parse_head(&head).unwrap_or_else(|| {
-        panic!(
+    let mut resp = parse_head(&head).ok_or_else(|| {
+        format!(
             "unparsable response head: {:?}",
             String::from_utf8_lossy(&head)
         )
-    });
+    })?;
     let chunked = resp
         .header("transfer-encoding")
         .is_some_and(|t| t.contains("chunked"));
@@ -463,7 +481,7 @@ pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
         .header("content-length")
         .and_then(|l| l.parse::<usize>().ok());
     if resp.status == 204 || resp.status == 304 || bytes.starts_with(b"HEAD ") {
-        return resp;
+        return Ok(resp);
     }
     if chunked {
         while let Some(chunk) = read_chunk(&mut reader) {
@@ -473,11 +491,11 @@ pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
         resp.body.resize(n, 0);
         reader
             .read_exact(&mut resp.body)
-            .expect("body shorter than Content-Length");
+            .map_err(|e| format!("body shorter than Content-Length {n}: {e}"))?;
     } else {
         let _ = reader.read_to_end(&mut resp.body);
     }
-    resp
+    Ok(resp)
 }
 
 /// Reads one chunk of a chunked body; None at the last chunk or on EOF.
